@@ -1,0 +1,109 @@
+"""The LightningModule: connects the plain model to flow matching, optimisation and logging."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
+from .model.fusion import MoSFusion
+from .model.generation import GenerationTower
+from .model.text_to_image import FusionFactory, TextToImage
+from .model.understanding import UnderstandingTower
+from .sampling import generate
+from .types import Batch
+
+NO_DECAY = ("registers", "null_context")  # embeddings: no weight decay (App. A recipe)
+
+
+class MoSModule(L.LightningModule):
+    """Rectified-flow training of a TextToImage model (Eq. 1) with the App. A optimiser.
+
+    Args:
+        understanding, generation, fusion, autoencoder: the model's components (class_path in YAML);
+            `fusion` is given the towers' geometry when the model is built.
+        timesteps: the training timestep sampler (App. A: logit-normal, later mode sampling).
+        caption_dropout: fraction of captions replaced by the learned null context (for CFG).
+        lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
+        val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
+        sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
+    """
+
+    def __init__(self, understanding: UnderstandingTower | None = None, generation: GenerationTower | None = None,
+                 fusion: FusionFactory | None = None, autoencoder: nn.Module | None = None,
+                 timesteps: TimestepSampler | None = None, caption_dropout: float = 0.1, lr: float = 1e-4,
+                 min_lr: float = 1.5e-5, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 4000, val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
+                 sample_steps: int = 20, cfg_scale: float = 1.0, sample_shift: float = 1.0):
+        super().__init__()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
+        self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
+                                 fusion or MoSFusion, autoencoder)
+        self.timesteps = timesteps or LogitNormal()
+        self.caption_dropout = caption_dropout
+        self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.val_timesteps = warmup_steps, tuple(val_timesteps)
+        self.sample_steps, self.cfg_scale, self.sample_shift = sample_steps, cfg_scale, sample_shift
+
+    def loss(self, batch: Batch, t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample Eq. 1 loss at timesteps t with the given noise z1."""
+        z0 = self.model.autoencoder.encode(batch.images)
+        states = self.model.states(batch.captions, drop)
+        velocity, _ = self.model(interpolate(z0, noise, t), t, states)
+        return flow_loss(velocity, velocity_target(z0, noise))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        n = len(batch)
+        t = self.timesteps(n, device=self.device)
+        drop = torch.rand(n, device=self.device) < self.caption_dropout
+        loss = self.loss(batch, t, torch.randn_like(batch.images), drop).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        generator = torch.Generator().manual_seed(batch_idx)  # the same noise for every arm and epoch
+        noise = torch.randn(batch.images.shape, generator=generator).to(batch.images)
+        losses = []
+        for t_value in self.val_timesteps:
+            t = torch.full((len(batch),), t_value, device=self.device)
+            losses.append(self.loss(batch, t, noise, None).mean())
+            self.log(f"val/loss_t{t_value:g}", losses[-1], batch_size=len(batch))
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=len(batch))
+
+    def generate(self, captions: list[str], image_size: tuple[int, int], seed: int = 0, routings: list | None = None,
+                 steps: int | None = None, cfg_scale: float | None = None) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return generate(self.model, captions, image_size, steps or self.sample_steps,
+                            self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings)
+        finally:
+            self.train(was_training)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name.endswith(NO_DECAY) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    """LR multiplier: linear 0 -> 1 over `warmup` steps, then cosine 1 -> floor at `total` (App. A)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

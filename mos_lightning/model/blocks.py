@@ -1,0 +1,75 @@
+"""THE generation block: joint attention over [context ; image] with QK-norm, SwiGLU FFN.
+
+A fusion strategy never copies this class: it hands the block its context tokens (in-context
+fusion, Eq. 4) and nothing else changes. Only the image stream (image tokens + registers) is
+carried from block to block; the context is fresh at every block, so the block computes keys
+and values for the context but no queries, no attention output and no FFN for it. That is
+exactly what the naive "concatenate, run everything, drop the context outputs" computes,
+because those outputs are thrown away (tests/test_blocks.py checks it).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One generation-tower block (App. A: QK-norm, modality-specific norms, registers upstream)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"generation.width ({dim}) must be divisible by generation.heads ({heads})")
+        self.heads = heads
+        self.norm_image = nn.RMSNorm(dim)
+        self.norm_context = nn.RMSNorm(dim)  # modality-specific norm for the routed states
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(dim // heads)
+        self.k_norm = nn.RMSNorm(dim // heads)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.norm_ffn = nn.RMSNorm(dim)
+        self.ffn = SwiGLU(dim, int(dim * mlp_ratio * 2 / 3))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = rearrange(self.kv(x), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        return self.k_norm(k), v
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) image stream; context: (B, L, D) in-context tokens; context_mask: (B, L) bool."""
+        h = self.norm_image(x)
+        k, v = self.keys_values(h)  # (B, H, N, d)
+        mask = None
+        if context is not None:
+            kc, vc = self.keys_values(self.norm_context(context))  # (B, H, L, d)
+            k, v = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
+            mask = _joint_mask(context_mask, context.shape[1], x.shape[1], x.device)
+        attn = F.scaled_dot_product_attention(self.query(h), k, v, attn_mask=mask)
+        x = x + self.out(rearrange(attn, "b h n d -> b n (h d)"))
+        return x + self.ffn(self.norm_ffn(x))
+
+
+def _joint_mask(context_mask: torch.Tensor | None, num_context: int, num_image: int, device) -> torch.Tensor | None:
+    """(B, 1, 1, L + N) bool: padded context tokens are never attended."""
+    if context_mask is None:
+        return None
+    image = torch.ones(context_mask.shape[0], num_image, dtype=torch.bool, device=device)
+    return torch.cat([context_mask, image], dim=1)[:, None, None, :]

@@ -1,0 +1,40 @@
+"""Position and timestep encodings shared by the generation tower and the router."""
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) timesteps in [0, 1] -> (B, dim) sinusoidal features (Ho et al., 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # scale so t in [0,1] spans the periods
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features, then an MLP to the model width."""
+
+    def __init__(self, width: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal(t, self.frequency_dim).to(self.mlp[0].weight.dtype))  # (B, width)
+
+
+def sincos_2d(height: int, width: int, dim: int, device=None) -> torch.Tensor:
+    """(height*width, dim) fixed 2-D sin-cos positions: defined for any grid, so any bucket shape works."""
+    if dim % 4:
+        raise ConfigError(f"generation.width ({dim}) must be divisible by 4 for 2-D positions")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    parts = [f(c.reshape(-1, 1).float() * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,78 @@
+"""The generation tower G: a DiT over patchified image tokens (§3.3, App. A).
+
+Width, depth and heads are independent of the understanding tower (asymmetric by design).
+No timestep embedding by default (App. A drops it; the router sees t instead).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..types import Conditioning
+from .blocks import Block
+from .embeddings import TimestepEmbedding, sincos_2d
+
+
+class GenerationTower(nn.Module):
+    """Patchify -> [registers ; image tokens] -> n blocks with per-block context -> unpatchify.
+
+    Args:
+        width, depth, heads: the DiT's size (depth is n, the number of generation layers).
+        patch_size: pixels (or latent cells) per patch side.
+        channels: image / latent channels.
+        registers: learnable tokens carried with the image stream (App. A uses 4).
+        timestep_embedding: add a carried timestep token (off by default, App. A).
+    """
+
+    def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4, channels: int = 3,
+                 mlp_ratio: float = 4.0, registers: int = 4, timestep_embedding: bool = False):
+        super().__init__()
+        if min(width, depth, heads, patch_size, channels) < 1:
+            raise ConfigError("generation: width, depth, heads, patch_size and channels must all be >= 1")
+        self.width, self.depth, self.patch_size, self.channels = width, depth, patch_size, channels
+        self.patch_embed = nn.Linear(patch_size * patch_size * channels, width)
+        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
+        self.timestep = TimestepEmbedding(width) if timestep_embedding else None
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm_out = nn.RMSNorm(width)
+        self.head = nn.Linear(width, patch_size * patch_size * channels)
+        nn.init.zeros_(self.head.weight)  # start by predicting zero velocity (DiT-style)
+        nn.init.zeros_(self.head.bias)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        if height % self.patch_size or width % self.patch_size:
+            raise ConfigError(f"image size {height}x{width} is not divisible by generation.patch_size={self.patch_size}")
+
+    def patchify(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) image tokens with positions; the router shares this layer (§3.2)."""
+        self.check_image_size(*z.shape[-2:])
+        p = self.patch_size
+        patches = rearrange(z, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+        pos = sincos_2d(z.shape[-2] // p, z.shape[-1] // p, self.width, z.device)
+        return self.patch_embed(patches) + pos.to(patches.dtype)
+
+    def unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        p = self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=height // p, p=p, q=p)
+
+    def extra_tokens(self, batch: int, t: torch.Tensor) -> torch.Tensor:
+        """(B, R[+1], D): registers, plus a timestep token when the switch is on."""
+        extra = self.registers.expand(batch, -1, -1)
+        if self.timestep is not None:
+            extra = torch.cat([extra, self.timestep(t)[:, None].to(extra.dtype)], dim=1)
+        return extra
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning | None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t: (B, C, H, W), t: (B,) -> velocity (B, C, H, W). `tokens`: patchify(z_t) if already computed."""
+        tokens = self.patchify(z_t) if tokens is None else tokens  # (B, N, D)
+        extra = self.extra_tokens(z_t.shape[0], t)
+        x = torch.cat([extra, tokens], dim=1)
+        for j, block in enumerate(self.blocks):
+            context = None if conditioning is None else conditioning.context[:, j]
+            x = block(x, context, None if conditioning is None else conditioning.mask)
+        x = self.head(self.norm_out(x[:, extra.shape[1]:]))
+        return self.unpatchify(x, *z_t.shape[-2:])

