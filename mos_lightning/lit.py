@@ -40,6 +40,7 @@ class MoSModule(L.LightningModule):
                  warmup_steps: int = 4000, val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
                  sample_steps: int = 20, cfg_scale: float = 1.0, sample_shift: float = 1.0):
         super().__init__()
+        self.strict_loading = False  # checkpoints leave out the frozen understanding tower
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
@@ -84,6 +85,12 @@ class MoSModule(L.LightningModule):
                             self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings)
         finally:
             self.train(was_training)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The frozen tower is not ours to save: it reloads from its path (8B+ towers at scale)."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("model.understanding.")]:
+            del state[key]
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -1,0 +1,99 @@
+"""Asymmetric towers, gradient flow, frozen understanding tower, decoder towers, bad settings."""
+import pytest
+import torch
+
+from mos_lightning.errors import ConfigError
+from mos_lightning.flow import flow_loss, interpolate, velocity_target
+from mos_lightning.model.fusion import MoSFusion
+from mos_lightning.model.generation import GenerationTower
+from mos_lightning.model.text_to_image import TextToImage
+from mos_lightning.model.understanding import UnderstandingTower
+
+CAPTIONS = ["two red circles to the left of a blue square", "a green triangle"]
+
+
+def _loss(model, rng, size=(16, 24)):
+    z0 = torch.rand(2, 3, *size, generator=rng) * 2 - 1
+    z1 = torch.randn(2, 3, *size, generator=rng)
+    t = torch.rand(2, generator=rng)
+    v, conditioning = model(interpolate(z0, z1, t), t, model.states(CAPTIONS))
+    return flow_loss(v, velocity_target(z0, z1)).mean(), conditioning
+
+
+def _perturb_head(model):
+    """The output head starts at zero (DiT init); give it weights so gradients reach the blocks."""
+    torch.nn.init.normal_(model.generation.head.weight, std=0.02)
+
+
+def test_asymmetric_towers_and_gradients(minilm, rng):
+    generation = GenerationTower(width=64, depth=3, heads=4, patch_size=4)
+    model = TextToImage(minilm, generation, MoSFusion)
+    assert model.geometry.understanding_layers == 7 and model.geometry.generation_layers == 3  # m != n
+    _perturb_head(model)
+    loss, conditioning = _loss(model, rng)
+    assert conditioning.context.shape[:2] == (2, 3) and conditioning.context.shape[-1] == 64
+    assert conditioning.routing.logits.shape[-2:] == (7, 3)
+    loss.backward()
+    router_grads = [p.grad for p in model.fusion.router.parameters()]
+    assert all(g is not None for g in router_grads) and sum(g.abs().sum() for g in router_grads) > 0
+    assert model.fusion.proj_weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generation.blocks.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in minilm.parameters())
+
+
+def test_understanding_tower_is_frozen_in_train_mode(minilm):
+    model = TextToImage(minilm, GenerationTower(width=32, depth=2, heads=2), MoSFusion)
+    model.train()
+    assert not minilm.model.training
+    a, b = minilm.encode(CAPTIONS), minilm.encode(CAPTIONS)
+    torch.testing.assert_close(a.hidden, b.hidden)  # no dropout
+
+
+def test_minilm_embedded_states(minilm):
+    states = minilm(CAPTIONS)
+    assert states.hidden.shape[:2] == (2, 7) and states.hidden.shape[-1] == 384
+    assert states.mask[0].all() and not states.mask[1].all()
+
+
+def test_memo_equals_direct_encoding():
+    tower = UnderstandingTower(dtype="float32", memo_size=2)
+    direct = tower.encode(CAPTIONS)
+    for _ in range(2):  # first call fills the memo, the second reads it
+        memo = tower(CAPTIONS)
+        assert torch.equal(memo.mask, direct.mask)
+        keep = direct.mask[:, None, :, None]
+        torch.testing.assert_close(memo.hidden * keep, direct.hidden * keep, rtol=1e-4, atol=1e-4)
+    tower(["a blue circle"])
+    assert len(tower._memo) == 2  # bounded
+
+
+def test_decoder_tower_through_the_same_path(tiny_llama_path, rng):
+    tower = UnderstandingTower(tiny_llama_path, dtype="float32")
+    assert tower.num_layers == 3 and tower.width == 48
+    model = TextToImage(tower, GenerationTower(width=32, depth=5, heads=2, patch_size=8), MoSFusion)
+    _perturb_head(model)
+    loss, conditioning = _loss(model, rng)
+    loss.backward()
+    assert conditioning.routing.logits.shape[-2:] == (3, 5)
+    assert model.fusion.proj_weight.grad.abs().sum() > 0
+
+
+def test_timestep_embedding_switch(rng):
+    off, on = GenerationTower(width=32, depth=1, heads=2), GenerationTower(width=32, depth=1, heads=2, timestep_embedding=True)
+    assert off.timestep is None and on.timestep is not None
+    assert on.extra_tokens(2, torch.rand(2, generator=rng)).shape == (2, 5, 32)
+
+
+def test_bad_tower_paths(tmp_path):
+    with pytest.raises(ConfigError, match="understanding.path.*does not exist"):
+        UnderstandingTower(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="understanding.path.*not a transformers model"):
+        UnderstandingTower(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="understanding.path"):
+        UnderstandingTower(str(tmp_path))
+
+
+def test_image_not_divisible_by_patch():
+    with pytest.raises(ConfigError, match="patch_size"):
+        GenerationTower(width=32, depth=1, heads=2, patch_size=4).patchify(torch.randn(1, 3, 30, 32))
