@@ -109,6 +109,12 @@ def arm_args(name: str, overrides: dict, experiment: dict) -> list[str]:
                    f"--trainer.logger.init_args.version={name}"]
 
 
+def with_arm(args: list[str], arm: list[str]) -> list[str]:
+    """Arm settings go right after the last --config: they beat the YAMLs, explicit flags beat them."""
+    last = max((i + (1 if a == "--config" else 0) for i, a in enumerate(args) if a.startswith("--config")), default=-1)
+    return args[: last + 1] + arm + args[last + 1:]
+
+
 def run_fit(args: list[str]) -> list[dict]:
     args, arm = _pop_arm(args)
     experiment = read_experiment(args)
@@ -118,7 +124,7 @@ def run_fit(args: list[str]) -> list[dict]:
     for name, overrides in arms.items():
         print(f"\n=== {experiment['name']}: arm {name} ===", file=sys.stderr)
         try:
-            cli = MoSCLI(args=["fit", *args, *arm_args(name, overrides, experiment)])
+            cli = MoSCLI(args=["fit", *with_arm(args, arm_args(name, overrides, experiment))])
         except SystemExit as stop:
             if printing and stop.code in (0, None):
                 continue  # --print_config: print every arm's config
@@ -139,6 +145,20 @@ def cli_main(args: list[str] | None = None):
         if args and args[0] == "fit":
             return run_fit(args[1:])
         return MoSCLI(args=args)
-    except ConfigError as err:
-        print(f"mos_lightning: configuration error: {err}", file=sys.stderr)
+    except ValueError as err:
+        cause = config_error_in(err)
+        if cause is None:
+            raise
+        print(f"mos_lightning: configuration error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def config_error_in(err: BaseException | None) -> ConfigError | None:
+    """jsonargparse re-raises a component's error as its own ValueError; find ours in the chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

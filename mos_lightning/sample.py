@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentParser
 from torchvision.utils import make_grid, save_image
 
@@ -37,7 +38,11 @@ def load_module(run: Path, ckpt_path: Path):
 
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"sample --run {run}: no config.yaml (expected the folder a `fit` run wrote)")
-    cli = MoSCLI(args=["--config", str(run / "config.yaml"), "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("ckpt_path", "weights_only"):  # `fit` arguments, not part of the model
+        config.pop(key, None)
+    config["trainer"].update(logger=False, callbacks=[])
+    cli = MoSCLI(args=config, run=False)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     missing, unexpected = cli.model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("model.understanding.")]  # frozen tower is not saved
