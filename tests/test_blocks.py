@@ -1,25 +1,7 @@
 """The context-token optimisation equals the naive full block (DESIGN §3: context needs only K/V)."""
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from mos_lightning.model.blocks import Block
-
-
-def naive_block(block: Block, x, context, context_mask):
-    """Concatenate [context ; image], run every sub-layer on every token, then drop the context outputs."""
-    tokens = torch.cat([block.norm_context(context), block.norm_image(x)], dim=1)
-    residual = torch.cat([context, x], dim=1)
-    q = block.q_norm(rearrange(block.q(tokens), "b l (h d) -> b h l d", h=block.heads))
-    k, v = rearrange(block.kv(tokens), "b l (two h d) -> two b h l d", two=2, h=block.heads)
-    k = block.k_norm(k)
-    keep = torch.cat([context_mask, torch.ones(x.shape[:2], dtype=torch.bool)], dim=1)
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    attn = rearrange(F.softmax(scores, dim=-1) @ v, "b h l d -> b l (h d)")
-    out = residual + block.out(attn)
-    out = out + block.ffn(block.norm_ffn(out))
-    return out[:, context.shape[1]:]
+from mos_lightning.model.blocks import Block, naive_block
 
 
 def test_optimised_block_equals_naive(rng):

@@ -73,3 +73,19 @@ def _joint_mask(context_mask: torch.Tensor | None, num_context: int, num_image: 
         return None
     image = torch.ones(context_mask.shape[0], num_image, dtype=torch.bool, device=device)
     return torch.cat([context_mask, image], dim=1)[:, None, None, :]
+
+
+def naive_block(block: Block, x, context, context_mask):
+    """Reference for tests and benchmarks: concatenate [context ; image], run every sub-layer on every
+    token, then drop the context outputs. What `Block.forward` saves."""
+    tokens = torch.cat([block.norm_context(context), block.norm_image(x)], dim=1)
+    residual = torch.cat([context, x], dim=1)
+    q = block.q_norm(rearrange(block.q(tokens), "b l (h d) -> b h l d", h=block.heads))
+    k, v = rearrange(block.kv(tokens), "b l (two h d) -> two b h l d", two=2, h=block.heads)
+    k = block.k_norm(k)
+    keep = torch.cat([context_mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    attn = rearrange(attn, "b h l d -> b l (h d)")
+    out = residual + block.out(attn)
+    out = out + block.ffn(block.norm_ffn(out))
+    return out[:, context.shape[1]:]

@@ -26,7 +26,7 @@ class MoSFusion(Fusion):
     """
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, top_k: int = 2,
-                 epsilon: float = 0.05, renormalize: bool = False, router_width: int = 128,
+                 epsilon: float = 0.05, renormalize: bool = False, router_width: int = 64,
                  router_depth: int = 2, router_heads: int = 4):
         super().__init__(geometry)
         m, n = geometry.understanding_layers, geometry.generation_layers

@@ -1,0 +1,70 @@
+"""Training throughput per arm of an ablation, and the MoS router's share of a training step.
+
+python benchmarks/train_throughput.py [experiments/router_inputs.yaml] [--steps 10]
+
+A step is forward + backward of the flow loss under bf16 autocast (as the Trainer runs it), on a
+batch from the configured DataModule. The router's share is the router's own forward + backward
+on the same inputs, over the step's time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from common import median_seconds
+
+from mos_lightning.cli import MoSCLI, arm_args, read_experiment
+from mos_lightning.lit import attention_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(config: str, name: str, overrides: dict, experiment: dict):
+    cli = MoSCLI(args=["--config", config, *arm_args(name, overrides, experiment), "--trainer.logger=false"], run=False)
+    cli.datamodule.setup("fit")
+    return cli.model, next(iter(cli.datamodule.train_dataloader()))
+
+
+def measure(module, batch, steps: int) -> tuple[float, float]:
+    model = module.model
+    n = len(batch)
+    t, noise = torch.rand(n), torch.randn_like(batch.images)
+    module.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.loss(batch, t, noise, None).mean()
+        loss.backward()
+
+    states = model.states(batch.captions)
+    tokens = model.generation.patchify(batch.images).detach()
+
+    def router():
+        with torch.autocast("cpu", dtype=torch.bfloat16), attention_backends(tokens.device):
+            logits = model.fusion.router(states, tokens, t)
+        logits.float().sum().backward()
+
+    return median_seconds(step, steps), median_seconds(router, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?", default=str(ROOT / "experiments" / "router_inputs.yaml"))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    experiment = read_experiment(["--config", args.config])
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}")
+    print(f"{'arm':<26}{'params':>10}{'step ms':>10}{'samples/s':>11}{'router ms':>11}{'router %':>10}")
+    for name, overrides in (experiment["arms"] or {"default": {}}).items():
+        module, batch = build(args.config, name, overrides, experiment)
+        step, router = measure(module, batch, args.steps)
+        params = module.model.trainable_parameters()
+        print(f"{name:<26}{params:>10,}{step * 1e3:>10.1f}{len(batch) / step:>11.1f}{router * 1e3:>11.1f}"
+              f"{100 * router / step:>9.1f}%")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
