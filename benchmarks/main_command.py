@@ -1,0 +1,49 @@
+"""The README's main command under a stopwatch: wall time, peak RSS, and learning per arm.
+
+python benchmarks/main_command.py [--config experiments/router_inputs.yaml] [--workdir DIR]
+
+Runs `python -m mos_lightning fit --config ...` in a child process (as a user would), then
+reads the table the run wrote. Budget (issue 2): all three arms <= 10 min, peak RSS <= 4 GB,
+val loss well below its step-0 value for every arm.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(ROOT / "experiments" / "router_inputs.yaml"))
+    parser.add_argument("--workdir", default=None, help="where runs/ goes (default: a fresh temp dir)")
+    args, extra = parser.parse_known_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mos_main_"))
+    command = [sys.executable, "-m", "mos_lightning", "fit", "--config", args.config, *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    start = time.perf_counter()
+    with open(workdir / "fit.log", "w") as log:
+        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    print(f"command: {' '.join(command[1:])}  (exit {code}, log {workdir / 'fit.log'})")
+    print(f"wall {wall / 60:.2f} min   peak RSS {peak_gb:.2f} GB")
+    for table in workdir.glob("runs/*/results.csv"):
+        with open(table) as f:
+            for row in csv.DictReader(f):
+                ratio = float(row["val/loss"]) / float(row["val/loss@0"])
+                print(f"  {row['arm']:<26} val/loss@0 {float(row['val/loss@0']):.4f} -> {float(row['val/loss']):.4f} "
+                      f"({ratio:.0%} of start)  steps {row['steps']}  wall {float(row['wall_s']):.0f} s")
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
