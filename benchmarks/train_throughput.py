@@ -30,12 +30,12 @@ def build(config: str, name: str, overrides: dict, experiment: dict):
 def measure(module, batch, steps: int) -> tuple[float, float]:
     model = module.model
     n = len(batch)
-    t, noise = torch.rand(n), torch.randn_like(batch.images)
+    t = torch.rand(n)
     module.train()
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = module.loss(batch, t, noise, None).mean()
+            loss = module.loss(batch, t).mean()
         loss.backward()
 
     states = model.states(batch.captions)

@@ -61,9 +61,11 @@ class MoSModule(L.LightningModule):
         self.warmup_steps, self.val_timesteps = warmup_steps, tuple(val_timesteps)
         self.sample_steps, self.cfg_scale, self.sample_shift = sample_steps, cfg_scale, sample_shift
 
-    def loss(self, batch: Batch, t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-        """Per-sample Eq. 1 loss at timesteps t with the given noise z1."""
+    def loss(self, batch: Batch, t: torch.Tensor, drop: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample Eq. 1 loss at timesteps t; the noise z1 comes from `generator` (global RNG if None)."""
         z0 = self.model.autoencoder.encode(batch.images)
+        noise = torch.randn(z0.shape, generator=generator, device="cpu" if generator is not None else z0.device).to(z0)
         states = self.model.states(batch.captions, drop)
         with attention_backends(z0.device):
             velocity, _ = self.model(interpolate(z0, noise, t), t, states)
@@ -73,17 +75,16 @@ class MoSModule(L.LightningModule):
         n = len(batch)
         t = self.timesteps(n, device=self.device)
         drop = torch.rand(n, device=self.device) < self.caption_dropout
-        loss = self.loss(batch, t, torch.randn_like(batch.images), drop).mean()
+        loss = self.loss(batch, t, drop).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        generator = torch.Generator().manual_seed(batch_idx)  # the same noise for every arm and epoch
-        noise = torch.randn(batch.images.shape, generator=generator).to(batch.images)
         losses = []
         for t_value in self.val_timesteps:
             t = torch.full((len(batch),), t_value, device=self.device)
-            losses.append(self.loss(batch, t, noise, None).mean())
+            generator = torch.Generator().manual_seed(batch_idx)  # the same noise for every arm, epoch and t
+            losses.append(self.loss(batch, t, generator=generator).mean())
             self.log(f"val/loss_t{t_value:g}", losses[-1], batch_size=len(batch))
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=len(batch))
 

@@ -1,14 +1,13 @@
 """The embedded domain: procedurally drawn coloured shapes with exact captions.
 
-No download, no randomness outside numpy's seeded generators: sample i of a dataset
-with seed s is a pure function of (s, i), so DataLoader workers and re-runs agree.
-Captions follow GenEval's six prompt categories so alignment can be scored per
-category, and every sample keeps its `ShapeScene` so scoring can be exact.
+No download, no randomness outside numpy's seeded generators: sample i of a dataset with seed s is a pure
+function of (s, i), so DataLoader workers and re-runs agree. Captions follow GenEval's six prompt categories
+so alignment can be scored per category, and every sample keeps its `ShapeScene` so scoring can be exact.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -21,19 +20,17 @@ from mos_lightning.types import Batch
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position", "colour_attribution")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "diamond": "diamonds", "cross": "crosses"}
-# Saturated, pairwise far-apart RGB values: pixels are drawn without anti-aliasing, so
-# every non-black pixel is exactly one of these and images can be segmented by colour.
-COLOURS = {"red": (230, 25, 25), "green": (30, 200, 40), "blue": (40, 90, 255),
-           "yellow": (250, 220, 30), "purple": (170, 50, 220), "white": (255, 255, 255)}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"}
+# Saturated, pairwise far-apart RGB values: pixels are drawn without anti-aliasing, so every non-black pixel
+# is exactly one of these and images can be segmented by colour.
+COLOURS = {"red": (230, 25, 25), "green": (30, 200, 40), "blue": (40, 90, 255), "yellow": (250, 220, 30),
+           "purple": (170, 50, 220), "white": (255, 255, 255)}
 RELATIONS = ("left of", "right of", "above", "below")  # objects[0] <relation> objects[1]
-RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of",
-                    "above": "above", "below": "below"}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 MIN_SIDE = 16  # below this, 4 objects with gaps no longer fit recognisably
 VAL_SEED_OFFSET = 1_000_003  # val seed = seed + offset, so splits never share a sample
-_TRIES = 64  # rejection-sampling budget before the deterministic grid fallback
+_TRIES, _RESTARTS = 16, 8  # rejection-sampling budget before the grid fallback
 _GAP = 2  # black pixels between boxes: keeps same-colour objects separate components
 
 
@@ -55,14 +52,12 @@ class ShapeScene:
     relation: str | None = None  # position only: objects[0] <relation> objects[1]
 
 
-# ---------------------------------------------------------------- argument checks
 def check_categories(categories: Sequence[str]) -> tuple[str, ...]:
-    cats = tuple(categories)
-    if not cats:
-        raise ConfigError(f"categories: must not be empty; allowed: {', '.join(CATEGORIES)}")
-    for c in cats:
-        if c not in CATEGORIES:
-            raise ConfigError(f"categories: unknown {c!r}; allowed: {', '.join(CATEGORIES)}")
+    cats = (categories,) if isinstance(categories, str) else tuple(categories)  # a bare name is one category
+    bad = [c for c in cats if c not in CATEGORIES]
+    if bad or not cats:
+        problem = f"unknown {bad[0]!r}" if bad else "must not be empty"
+        raise ConfigError(f"categories: {problem}; allowed: {', '.join(CATEGORIES)}")
     return cats
 
 
@@ -82,75 +77,69 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-# ---------------------------------------------------------------- geometry
-def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str,
-                   margin: float = 1.0) -> bool:
-    """True if centre `a` is <relation> centre `b`: offset along the relation's axis of at
-    least `margin`, and that axis dominates, so e.g. a diagonal pair is not called 'above'."""
+def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = 1.0) -> bool:
+    """True if centre `a` (x, y) is <relation> centre `b`: offset along the relation's axis of at least `margin`,
+    and that axis dominates, so e.g. a diagonal pair is not called 'above'."""
     dx, dy = b[0] - a[0], b[1] - a[1]  # image y grows downwards
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy),
-                     "above": (dy, dx), "below": (-dy, dx)}[relation]
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
     return along >= margin and abs(along) > abs(across)
 
 
 def _disjoint(tops: list[tuple[int, int]], sizes: list[int]) -> bool:
-    for i in range(len(sizes)):
-        for j in range(i):
-            (yi, xi), (yj, xj), si, sj = tops[i], tops[j], sizes[i], sizes[j]
-            apart_x = xi + si + _GAP <= xj or xj + sj + _GAP <= xi
-            apart_y = yi + si + _GAP <= yj or yj + sj + _GAP <= yi
-            if not (apart_x or apart_y):
-                return False
-    return True
+    """No two boxes overlap or come within _GAP pixels of each other."""
+    b = [(y, x, s) for (y, x), s in zip(tops, sizes)]
+    return all(xa + sa + _GAP <= xb or xb + sb + _GAP <= xa or ya + sa + _GAP <= yb or yb + sb + _GAP <= ya
+               for i, (ya, xa, sa) in enumerate(b) for (yb, xb, sb) in b[:i])
 
 
 def _centre(top: tuple[int, int], size: int) -> tuple[float, float]:
     return (top[1] + (size - 1) / 2, top[0] + (size - 1) / 2)
 
 
-def _relation_ok(relation: str | None) -> Callable[[list, list], bool]:
-    def ok(tops, sizes) -> bool:
-        if relation is None:
-            return True
-        # margin = half the two sizes: the boxes are disjoint along the relation's axis
+def _fits(tops: list[tuple[int, int]], sizes: list[int], relation: str | None) -> bool:
+    """Boxes so far are disjoint and, once both exist, realise the relation with a margin of half the two
+    sizes, i.e. the boxes are disjoint along the relation's axis."""
+    ok = _disjoint(tops, sizes)
+    if ok and relation is not None and len(tops) >= 2:
         a, b = _centre(tops[0], sizes[0]), _centre(tops[1], sizes[1])
-        return relation_holds(a, b, relation, margin=(sizes[0] + sizes[1]) / 2)
+        ok = relation_holds(a, b, relation, margin=(sizes[0] + sizes[1]) / 2)
     return ok
 
 
 def _grid_fallback(sizes: list[int], hw: tuple[int, int], relation: str | None):
-    """Deterministic 2x2 layout used when rejection sampling runs out of tries: always
-    fits, and the cell order realises the relation (object 0 is the relation's subject)."""
+    """Deterministic 2x2 layout for when rejection sampling runs out of tries: always fits, and the cell order
+    realises the relation (object 0 is the relation's subject)."""
     ch, cw = hw[0] // 2, hw[1] // 2
     cells = {None: [(0, 0), (0, 1), (1, 0), (1, 1)], "left of": [(0, 0), (0, 1)],
              "right of": [(0, 1), (0, 0)], "above": [(0, 0), (1, 0)], "below": [(1, 0), (0, 0)]}
     sizes = [min(s, min(ch, cw) - _GAP) for s in sizes]
-    tops = [(r * ch + (ch - s) // 2, c * cw + (cw - s) // 2)
-            for (r, c), s in zip(cells[relation], sizes)]
+    tops = [(r * ch + (ch - s) // 2, c * cw + (cw - s) // 2) for (r, c), s in zip(cells[relation], sizes)]
     return tops, sizes
 
 
-def _place(rng: np.random.Generator, sizes: list[int], hw: tuple[int, int],
-           relation: str | None):
-    """Rejection-sample top-left corners for non-overlapping boxes; bounded tries."""
-    accept = _relation_ok(relation)
-    for _ in range(_TRIES):
-        tops = [(int(rng.integers(0, hw[0] - s + 1)), int(rng.integers(0, hw[1] - s + 1)))
-                for s in sizes]
-        if _disjoint(tops, sizes) and accept(tops, sizes):
+def _place(rng: np.random.Generator, sizes: list[int], hw: tuple[int, int], relation: str | None):
+    """Rejection-sample top-left corners one object at a time (far likelier to fit four objects than all at
+    once), restarting when an early object blocks the rest; bounded, then the deterministic grid fallback."""
+    for _ in range(_RESTARTS):
+        tops: list[tuple[int, int]] = []
+        for s in sizes:
+            tries = ((int(rng.integers(0, hw[0] - s + 1)), int(rng.integers(0, hw[1] - s + 1))) for _ in range(_TRIES))
+            top = next((t for t in tries if _fits(tops + [t], sizes, relation)), None)
+            if top is None:
+                break  # this layout is stuck: restart it
+            tops.append(top)
+        else:
             return tops, sizes
     return _grid_fallback(sizes, hw, relation)
 
 
-# ---------------------------------------------------------------- scenes
 def _pick(rng: np.random.Generator, options: Sequence[str], k: int) -> list[str]:
     return [str(v) for v in rng.choice(list(options), size=k, replace=False)]
 
 
 def _content(rng: np.random.Generator, category: str):
-    """(shape, colour) per object and the relation. Two-object categories use different
-    shapes (as GenEval uses different classes); where colour is stated they differ too,
-    so the binding of colour to shape is what the prompt tests."""
+    """(shape, colour) per object and the relation. Two-object categories use different shapes (as GenEval uses
+    different classes); where colour is stated they differ too, so colour-to-shape binding is what is tested."""
     shapes, colours = _pick(rng, SHAPES, 2), _pick(rng, COLOURS, 2)
     if category in ("single_object", "colours"):
         return [(shapes[0], colours[0])], None
@@ -171,21 +160,18 @@ def make_scene(rng: np.random.Generator, category: str, image_size) -> ShapeScen
     hi = round(side * (0.44 if len(content) <= 2 else 0.34))
     sizes = [int(rng.integers(round(side * 0.25), hi + 1)) for _ in content]
     tops, sizes = _place(rng, sizes, hw, relation)
-    objects = tuple(ShapeObject(s, c, _centre(t, n), n)
-                    for (s, c), t, n in zip(content, tops, sizes))
+    objects = tuple(ShapeObject(s, c, _centre(t, n), n) for (s, c), t, n in zip(content, tops, sizes))
     return ShapeScene(category, objects, hw, relation)
 
 
-def scene_for(seed: int, index: int, image_size=32,
-              categories: Sequence[str] = CATEGORIES) -> ShapeScene:
-    """Sample `index` of the dataset with `seed`: a pure function of its arguments.
-    Categories cycle with the index so every split is balanced across them."""
+def scene_for(seed: int, index: int, image_size=32, categories: Sequence[str] = CATEGORIES) -> ShapeScene:
+    """Sample `index` of the dataset with `seed`: a pure function of its arguments. Categories cycle with the
+    index so every split is balanced across them."""
     cats = check_categories(categories)
     rng = np.random.default_rng([seed, index])
     return make_scene(rng, cats[index % len(cats)], image_size)
 
 
-# ---------------------------------------------------------------- caption
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -196,9 +182,8 @@ def _noun_phrase(obj: ShapeObject, with_colour: bool) -> str:
 
 
 def caption(scene: ShapeScene) -> str:
-    """The English description; the category fixes the structure. single_object and
-    two_objects leave colour unstated (as GenEval does) so they stay distinct from
-    colours and colour_attribution, which state it."""
+    """The English description; the category fixes the structure. single_object and two_objects leave colour
+    unstated (as GenEval does) so they stay distinct from colours and colour_attribution, which state it."""
     objs, cat = scene.objects, scene.category
     if cat in ("single_object", "colours"):
         return _noun_phrase(objs[0], cat == "colours")
@@ -211,7 +196,6 @@ def caption(scene: ShapeScene) -> str:
     return f"{_noun_phrase(objs[0], True)} {phrase} {_noun_phrase(objs[1], True)}"
 
 
-# ---------------------------------------------------------------- render
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb):
     x0, y0, x1, y1 = box
     mx, my = (x0 + x1) / 2, (y0 + y1) / 2
@@ -231,16 +215,15 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
 
 
 def render(scene: ShapeScene, size: int | Sequence[int] | None = None) -> Image.Image:
-    """Draw the scene on black, without anti-aliasing; `size` (int or (H, W)) defaults to
-    the scene's own size, otherwise geometry is scaled to fit."""
+    """Draw the scene on black, without anti-aliasing; `size` (int or (H, W)) defaults to the scene's own size,
+    otherwise geometry is scaled to fit."""
     h, w = check_image_size(size) if size is not None else scene.image_size
     sy, sx = h / scene.image_size[0], w / scene.image_size[1]
     img = Image.new("RGB", (w, h), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         left, top = obj.centre[0] - (obj.size - 1) / 2, obj.centre[1] - (obj.size - 1) / 2
-        box = (round(left * sx), round(top * sy),
-               round((left + obj.size) * sx) - 1, round((top + obj.size) * sy) - 1)
+        box = (round(left * sx), round(top * sy), round((left + obj.size) * sx) - 1, round((top + obj.size) * sy) - 1)
         _draw(draw, obj.shape, box, COLOURS[obj.colour])
     return img
 
@@ -251,7 +234,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-# ---------------------------------------------------------------- torch plumbing
 class ShapesDataset(Dataset):
     """`length` procedurally drawn samples; item i -> (image, caption, category)."""
 
@@ -288,35 +270,26 @@ class ShapesDataModule(L.LightningDataModule):
                  categories: Sequence[str] = CATEGORIES):
         super().__init__()
         _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
         _check_int("train_size", train_size, 1)
+        _check_int("val_size", val_size, 1)
         if train_size < batch_size:  # drop_last=True would silently yield no train batch
             raise ConfigError(f"train_size: must be >= batch_size ({batch_size}), got {train_size}")
-        _check_int("val_size", val_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("num_workers", num_workers, 0)
-        self.image_size, self.categories = check_image_size(image_size), check_categories(categories)
         self.save_hyperparameters()
-        self.train_set = self.val_set = None
-
-    def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        self.train_set = ShapesDataset(hp.train_size, hp.seed, self.image_size, self.categories)
-        self.val_set = ShapesDataset(hp.val_size, hp.seed + VAL_SEED_OFFSET,
-                                     self.image_size, self.categories)
+        # Datasets draw samples on access, so building them here is free and checks seed, image_size and
+        # categories before a trainer starts.
+        self.train_set = ShapesDataset(train_size, seed, image_size, categories)
+        self.val_set = ShapesDataset(val_size, seed + VAL_SEED_OFFSET, image_size, categories)
+        self.image_size = self.train_set.image_size  # (H, W); the CLI checks it against the patch size
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         gen = torch.Generator().manual_seed(hp.seed) if train else None
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, generator=gen,
-                          drop_last=train, num_workers=hp.num_workers, collate_fn=collate,
-                          persistent_workers=hp.num_workers > 0)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, generator=gen, drop_last=train,
+                          num_workers=hp.num_workers, collate_fn=collate, persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
         return self._loader(self.val_set, train=False)
