@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where runs/ goes (default: a fresh temp dir)")
     args, extra = parser.parse_known_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mos_main_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mos_lightning", "fit", "--config", args.config, *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     start = time.perf_counter()

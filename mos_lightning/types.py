@@ -5,6 +5,7 @@ Data flows one way: Batch -> TowerStates -> Routing -> velocity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -69,8 +70,22 @@ class TowerGeometry:
 
 @dataclass
 class Conditioning:
-    """A fusion strategy's answer: the in-context tokens each generation block attends to."""
+    """A fusion strategy's answer, in the forms the one generation block understands.
 
-    context: torch.Tensor  # (B, n, L, D_g): block j attends to context[:, j]
-    mask: torch.Tensor  # (B, L) bool
+    In-context fusion (MoS, hand-crafted) fills `context`: block j attends to context[:, j] as
+    extra keys/values. Self-attention fusion fills `stream`: tokens carried with the image stream
+    through every block. Cross-attention fusion fills `cross`: one residual sub-layer per block,
+    applied between the block's attention and its FFN.
+    """
+
+    mask: torch.Tensor  # (B, L) bool, real context tokens
+    context: torch.Tensor | None = None  # (B, n, L, D_g)
     routing: Routing | None = None
+    stream: torch.Tensor | None = None  # (B, L, D_g)
+    cross: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None  # n callables (B, N, D_g) -> same
+
+    def block_inputs(self, j: int) -> dict:
+        """Keyword arguments for generation block j."""
+        return {"context": None if self.context is None else self.context[:, j],
+                "context_mask": self.mask if self.context is not None else None,
+                "cross": None if self.cross is None else self.cross[j]}

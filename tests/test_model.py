@@ -36,7 +36,7 @@ def test_asymmetric_towers_and_gradients(minilm, rng):
     loss.backward()
     router_grads = [p.grad for p in model.fusion.router.parameters()]
     assert all(g is not None for g in router_grads) and sum(g.abs().sum() for g in router_grads) > 0
-    assert model.fusion.proj_weight.grad.abs().sum() > 0
+    assert model.fusion.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generation.blocks.parameters())
     assert all(not p.requires_grad and p.grad is None for p in minilm.parameters())
 
@@ -75,7 +75,7 @@ def test_decoder_tower_through_the_same_path(tiny_llama_path, rng):
     loss, conditioning = _loss(model, rng)
     loss.backward()
     assert conditioning.routing.logits.shape[-2:] == (3, 5)
-    assert model.fusion.proj_weight.grad.abs().sum() > 0
+    assert model.fusion.proj.weight.grad.abs().sum() > 0
 
 
 def test_timestep_embedding_switch(rng):

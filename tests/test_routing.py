@@ -95,8 +95,8 @@ def test_fusion_eval_mode_is_greedy_and_matches_reference(rng):
     ref_sel = reference_top_k(w, 2)
     assert (out.routing.selected.numpy() == ref_sel).all(), "eval must use eps = 0"
     mixed = reference_aggregate(states.hidden.double().numpy(), w, ref_sel)
-    proj = fusion.proj_weight.detach().double().numpy()
-    ref = np.einsum("bnld,nde->bnle", mixed, proj) + fusion.proj_bias.detach().double().numpy()[None, :, None]
+    proj = fusion.proj.weight.detach().double().numpy()
+    ref = np.einsum("bnld,nde->bnle", mixed, proj) + fusion.proj.bias.detach().double().numpy()[None, :, None]
     np.testing.assert_allclose(out.context.detach().double().numpy(), ref, rtol=1e-4, atol=1e-5)
     fusion.train()
     assert (fusion(states, latent, t).routing.selected.numpy() != ref_sel).any(), "training explores with eps = 1"

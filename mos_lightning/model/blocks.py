@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -53,26 +55,32 @@ class Block(nn.Module):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self.q_norm(rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D) image stream; context: (B, L, D) in-context tokens; context_mask: (B, L) bool."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                stream_mask: torch.Tensor | None = None, cross: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, N, D) carried stream; context: (B, L, D) in-context tokens (keys/values only);
+        context_mask: (B, L) and stream_mask: (B, N) bool, False where a padded token is;
+        cross: a residual sub-layer between attention and FFN (cross-attention fusion)."""
         h = self.norm_image(x)
         k, v = self.keys_values(h)  # (B, H, N, d)
-        mask = None
         if context is not None:
             kc, vc = self.keys_values(self.norm_context(context))  # (B, H, L, d)
             k, v = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
-            mask = _joint_mask(context_mask, context.shape[1], x.shape[1], x.device)
+        mask = _key_mask(context_mask if context is not None else None, stream_mask, context, x)
         attn = F.scaled_dot_product_attention(self.query(h), k, v, attn_mask=mask)
         x = x + self.out(rearrange(attn, "b h n d -> b n (h d)"))
+        if cross is not None:
+            x = x + cross(x)
         return x + self.ffn(self.norm_ffn(x))
 
 
-def _joint_mask(context_mask: torch.Tensor | None, num_context: int, num_image: int, device) -> torch.Tensor | None:
-    """(B, 1, 1, L + N) bool: padded context tokens are never attended."""
-    if context_mask is None:
+def _key_mask(context_mask, stream_mask, context, x) -> torch.Tensor | None:
+    """(B, 1, 1, L + N) bool over [context ; stream] keys: padded tokens are never attended."""
+    if context_mask is None and stream_mask is None:
         return None
-    image = torch.ones(context_mask.shape[0], num_image, dtype=torch.bool, device=device)
-    return torch.cat([context_mask, image], dim=1)[:, None, None, :]
+    ones = lambda n: torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)  # noqa: E731
+    parts = [] if context is None else [context_mask if context_mask is not None else ones(context.shape[1])]
+    parts.append(stream_mask if stream_mask is not None else ones(x.shape[1]))
+    return torch.cat(parts, dim=1)[:, None, None, :]
 
 
 def naive_block(block: Block, x, context, context_mask):

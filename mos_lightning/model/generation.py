@@ -69,10 +69,13 @@ class GenerationTower(nn.Module):
                 tokens: torch.Tensor | None = None) -> torch.Tensor:
         """z_t: (B, C, H, W), t: (B,) -> velocity (B, C, H, W). `tokens`: patchify(z_t) if already computed."""
         tokens = self.patchify(z_t) if tokens is None else tokens  # (B, N, D)
-        extra = self.extra_tokens(z_t.shape[0], t)
-        x = torch.cat([extra, tokens], dim=1)
+        x = torch.cat([self.extra_tokens(z_t.shape[0], t), tokens], dim=1)
+        stream_mask = None
+        if conditioning is not None and conditioning.stream is not None:  # self-attention fusion
+            x = torch.cat([conditioning.stream.to(x.dtype), x], dim=1)
+            stream_mask = torch.cat([conditioning.mask, torch.ones_like(x[:, conditioning.mask.shape[1]:, 0], dtype=torch.bool)], 1)
         for j, block in enumerate(self.blocks):
-            context = None if conditioning is None else conditioning.context[:, j]
-            x = block(x, context, None if conditioning is None else conditioning.mask)
-        x = self.head(self.norm_out(x[:, extra.shape[1]:]))
+            inputs = {} if conditioning is None else conditioning.block_inputs(j)
+            x = block(x, stream_mask=stream_mask, **inputs)
+        x = self.head(self.norm_out(x[:, -tokens.shape[1]:]))  # only image tokens leave the tower
         return self.unpatchify(x, *z_t.shape[-2:])

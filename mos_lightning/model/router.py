@@ -60,14 +60,15 @@ def aggregate(hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tenso
 class MoSRouter(nn.Module):
     """Predicts, for every context token, the m x n routing logits W (token-wise, §3.2)."""
 
-    def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, width: int = 128,
-                 depth: int = 2, heads: int = 4):
+    def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, width: int = 64,
+                 depth: int = 2, heads: int = 4, modality_norms: bool = True):
         super().__init__()
         check_router_inputs(inputs)
         self.inputs = tuple(inputs)
         self.m, self.n = geometry.understanding_layers, geometry.generation_layers
         self.prompt = nn.Linear(geometry.understanding_width, width)
-        self.norms = nn.ModuleDict({name: nn.RMSNorm(width) for name in self.inputs})  # App. B.2
+        shared = nn.RMSNorm(width)  # App. B.2 compares one shared norm with one per modality
+        self.norms = nn.ModuleDict({name: nn.RMSNorm(width) if modality_norms else shared for name in self.inputs})
         self.latent = nn.Linear(geometry.generation_width, width) if "latent" in self.inputs else None
         self.timestep = TimestepEmbedding(width) if "timestep" in self.inputs else None
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
@@ -87,10 +88,26 @@ class MoSRouter(nn.Module):
         return torch.cat(seq, dim=1), ~torch.cat(keep, dim=1)
 
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """-> logits (B, L, m, n) for the L context tokens."""
+        """-> logits (B, L, m, n): each context token predicts its own matrix (token-wise, Table 2)."""
         seq, ignore = self.tokens(states, latent, t)
         h = self.blocks(seq, src_key_padding_mask=ignore)[:, : states.mask.shape[1]]
         return self.head(h).unflatten(-1, (self.m, self.n))
+
+
+class SampleWiseRouter(MoSRouter):
+    """Table 2's alternative: a learnable [CLS] token predicts one m x n matrix for the whole prompt."""
+
+    def __init__(self, geometry: TowerGeometry, *args, **kwargs):
+        super().__init__(geometry, *args, **kwargs)
+        self.cls = nn.Parameter(torch.randn(self.prompt.out_features) * 0.02)
+
+    def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seq, ignore = self.tokens(states, latent, t)
+        cls = self.cls.to(seq.dtype).expand(seq.shape[0], 1, -1)
+        keep = torch.zeros_like(ignore[:, :1])
+        h = self.blocks(torch.cat([cls, seq], 1), src_key_padding_mask=torch.cat([keep, ignore], 1))[:, 0]
+        logits = self.head(h).unflatten(-1, (self.m, self.n))  # (B, m, n)
+        return logits[:, None].expand(-1, states.mask.shape[1], -1, -1)  # shared by every token
 
 
 def check_router_inputs(inputs: Sequence[str]) -> None:

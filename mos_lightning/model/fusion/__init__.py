@@ -1,5 +1,9 @@
 """Fusion strategies: each a class chosen by `class_path`, built from the towers' geometry."""
-from .base import Fusion
-from .mos import MoSFusion
+from .base import Fusion, LayerProjections
+from .cross_attn import CrossAttentionFusion
+from .hand_crafted import HandCraftedFusion
+from .mos import MoSFusion, SampleWiseMoSFusion
+from .self_attn import SelfAttentionFusion
 
-__all__ = ["Fusion", "MoSFusion"]
+__all__ = ["CrossAttentionFusion", "Fusion", "HandCraftedFusion", "LayerProjections", "MoSFusion",
+           "SampleWiseMoSFusion", "SelfAttentionFusion"]

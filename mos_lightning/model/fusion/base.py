@@ -1,9 +1,12 @@
-"""What every fusion strategy provides to the one generation block."""
+"""What every fusion strategy provides to the one generation block, and the parts they share."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from ...errors import ConfigError
 from ...types import Conditioning, TowerGeometry, TowerStates
 
 
@@ -21,3 +24,24 @@ class Fusion(nn.Module):
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Conditioning:
         """states: frozen tower output; latent: (B, N, D_g) patchified z_t; t: (B,)."""
         raise NotImplementedError
+
+
+class LayerProjections(nn.Module):
+    """Proj_j (§3.3): one linear map D_u -> D_g per generation layer j."""
+
+    def __init__(self, layers: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(layers, d_in, d_out) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.zeros(layers, d_out))
+
+    def forward(self, mixed: torch.Tensor) -> torch.Tensor:
+        """(B, n, L, D_u) -> (B, n, L, D_g)."""
+        return torch.einsum("bnld,nde->bnle", mixed.to(self.weight.dtype), self.weight) + self.bias[None, :, None]
+
+
+def understanding_layer(index: int, geometry: TowerGeometry, setting: str) -> int:
+    """A single understanding-layer index (negative counts from the end), checked against m."""
+    m = geometry.understanding_layers
+    if not -m <= index < m:
+        raise ConfigError(f"{setting}={index} is out of range: allowed {-m}..{m - 1} (m = {m} understanding states)")
+    return index % m

@@ -1,17 +1,14 @@
 """Mixture of States fusion (§3.2-3.3): router -> Eq. 3 -> eps-greedy top-k -> Eq. 4 -> Proj_j."""
 from __future__ import annotations
 
-from ...errors import ConfigError
-
-import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
+from ...errors import ConfigError
 from ...types import Conditioning, Routing, TowerGeometry, TowerStates
-from ..router import ROUTER_INPUTS, MoSRouter, aggregate, routing_weights, select_top_k
-from .base import Fusion
+from ..router import ROUTER_INPUTS, MoSRouter, SampleWiseRouter, aggregate, routing_weights, select_top_k
+from .base import Fusion, LayerProjections
 
 
 class MoSFusion(Fusion):
@@ -23,11 +20,14 @@ class MoSFusion(Fusion):
         epsilon: eps-greedy exploration probability in training (App. A: 0.05); eval uses 0.
         renormalize: rescale the selected weights to sum to one (not the paper's default).
         router_width, router_depth, router_heads: size of the lightweight router transformer.
+        modality_norms: one RMSNorm per router input (App. B.2) rather than one shared.
     """
+
+    router_class = MoSRouter
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, top_k: int = 2,
                  epsilon: float = 0.05, renormalize: bool = False, router_width: int = 64,
-                 router_depth: int = 2, router_heads: int = 4):
+                 router_depth: int = 2, router_heads: int = 4, modality_norms: bool = True):
         super().__init__(geometry)
         m, n = geometry.understanding_layers, geometry.generation_layers
         if not 1 <= top_k <= m:
@@ -35,10 +35,8 @@ class MoSFusion(Fusion):
         if not 0.0 <= epsilon <= 1.0:
             raise ConfigError(f"fusion.epsilon={epsilon} is out of range: allowed [0, 1]")
         self.top_k, self.epsilon, self.renormalize = top_k, epsilon, renormalize
-        self.router = MoSRouter(geometry, inputs, router_width, router_depth, router_heads)
-        d_u, d_g = geometry.understanding_width, geometry.generation_width
-        self.proj_weight = nn.Parameter(torch.randn(n, d_u, d_g) / math.sqrt(d_u))  # Proj_j, one per block
-        self.proj_bias = nn.Parameter(torch.zeros(n, d_g))
+        self.router = self.router_class(geometry, inputs, router_width, router_depth, router_heads, modality_norms)
+        self.proj = LayerProjections(n, geometry.understanding_width, geometry.generation_width)
 
     def route(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Routing:
         logits = self.router(states, latent, t)  # (B, L, m, n)
@@ -49,6 +47,10 @@ class MoSFusion(Fusion):
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Conditioning:
         routing = self.route(states, latent, t)
         mixed = aggregate(states.hidden, routing.weights, routing.selected, self.renormalize)  # (B, n, L, D_u)
-        w = self.proj_weight
-        context = torch.einsum("bnld,nde->bnle", mixed.to(w.dtype), w) + self.proj_bias[None, :, None]
-        return Conditioning(context, states.mask, routing)
+        return Conditioning(states.mask, context=self.proj(mixed), routing=routing)
+
+
+class SampleWiseMoSFusion(MoSFusion):
+    """MoS whose router predicts one routing matrix per prompt from a [CLS] token (Table 2, Fig. 5a)."""
+
+    router_class = SampleWiseRouter
