@@ -97,3 +97,13 @@ def test_bad_tower_paths(tmp_path):
 def test_image_not_divisible_by_patch():
     with pytest.raises(ConfigError, match="patch_size"):
         GenerationTower(width=32, depth=1, heads=2, patch_size=4).patchify(torch.randn(1, 3, 30, 32))
+
+
+def test_truncated_tower_equals_the_first_layers(minilm):
+    small = UnderstandingTower(dtype="float32", num_layers=3)
+    assert small.num_layers == 4
+    full, part = minilm(CAPTIONS), small(CAPTIONS)
+    keep = full.mask[:, None, :, None]
+    torch.testing.assert_close(part.hidden * keep, full.hidden[:, :4] * keep, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="num_layers=9"):
+        UnderstandingTower(num_layers=9)

@@ -39,9 +39,11 @@ class UnderstandingTower(nn.Module):
         max_length: prompts are truncated to this many tokens.
         memo_size: how many captions' states to keep in memory; a frozen tower's output for a
             caption never changes, and the embedded domain repeats captions often.
+        num_layers: keep only the first layers (a smaller tower from the same weights, App. B.4).
     """
 
-    def __init__(self, path: str | None = None, dtype: str = "bfloat16", max_length: int = 32, memo_size: int = 0):
+    def __init__(self, path: str | None = None, dtype: str = "bfloat16", max_length: int = 32, memo_size: int = 0,
+                 num_layers: int | None = None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -56,6 +58,8 @@ class UnderstandingTower(nn.Module):
             raise ConfigError(f"understanding.path: {self.path!r} could not be loaded as a transformers model: {err}") from None
         if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if num_layers is not None:
+            _truncate(self.model, num_layers)
         self.model.requires_grad_(False).eval()
         self.max_length = max_length
         self.memo_size = memo_size
@@ -110,3 +114,17 @@ def _pad(items: list[torch.Tensor]) -> TowerStates:
         hidden[b, :, : x.shape[1]] = x
         mask[b, : x.shape[1]] = True
     return TowerStates(hidden=hidden, mask=mask)
+
+
+def _truncate(model: nn.Module, keep: int) -> None:
+    """Keep the first `keep` transformer layers of any transformers model (its layer ModuleList)."""
+    total = model.config.num_hidden_layers
+    if not 1 <= keep <= total:
+        raise ConfigError(f"understanding.num_layers={keep} is out of range: allowed 1..{total}")
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == total:
+                setattr(parent, name, child[:keep])
+                model.config.num_hidden_layers = keep
+                return
+    raise ConfigError(f"understanding.num_layers: no list of {total} layers found in {type(model).__name__}")
