@@ -19,7 +19,7 @@ from .model.understanding import UnderstandingTower
 from .sampling import generate
 from .types import Batch
 
-NO_DECAY = ("registers", "null_context")  # embeddings: no weight decay (App. A recipe)
+NO_DECAY = ("registers", "null_context", "null_keys_values", "cls")  # embeddings: no weight decay (App. A recipe)
 
 
 def attention_backends(device: torch.device):

@@ -31,6 +31,7 @@ class TowerStates:
 
     hidden: torch.Tensor  # (B, m, L, D_u): embeddings output + every layer
     mask: torch.Tensor  # (B, L) bool, True where a real token is
+    keys_values: torch.Tensor | None = None  # (B, m - 1, 2, L, D_kv): each layer's own attention K, V
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -66,6 +67,9 @@ class TowerGeometry:
     understanding_width: int  # D_u
     generation_layers: int  # n
     generation_width: int  # D_g
+    understanding_kv_heads: int = 0  # heads of the tower's own keys/values (MoT, K/V routing)
+    understanding_head_dim: int = 0
+    generation_heads: int = 0
 
 
 @dataclass
@@ -82,10 +86,13 @@ class Conditioning:
     context: torch.Tensor | None = None  # (B, n, L, D_g)
     routing: Routing | None = None
     stream: torch.Tensor | None = None  # (B, L, D_g)
+    context_kv: torch.Tensor | None = None  # (B, n, 2, H, L, d): ready keys/values per block (MoT)
     cross: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None  # n callables (B, N, D_g) -> same
 
     def block_inputs(self, j: int) -> dict:
         """Keyword arguments for generation block j."""
+        in_context = self.context is not None or self.context_kv is not None
         return {"context": None if self.context is None else self.context[:, j],
-                "context_mask": self.mask if self.context is not None else None,
+                "context_kv": None if self.context_kv is None else self.context_kv[:, j].unbind(1),
+                "context_mask": self.mask if in_context else None,
                 "cross": None if self.cross is None else self.cross[j]}

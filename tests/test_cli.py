@@ -75,7 +75,7 @@ def test_every_experiment_arm_instantiates(path):
     experiment = read_experiment(["--config", str(path)])
     assert experiment["arms"], f"{path.name} defines no arms"
     for name, overrides in experiment["arms"].items():
-        cli = MoSCLI(args=["--config", str(path), "--config", TINY, *arm_args(name, overrides, experiment)], run=False)
+        cli = MoSCLI(args=["--config", str(path), *arm_args(name, overrides, experiment)], run=False)
         for key, value in overrides.items():
             assert cli.config[key] == value or yaml.safe_load(str(cli.config[key])) == value
         assert cli.model.model.trainable_parameters() > 0

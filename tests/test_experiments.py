@@ -31,7 +31,7 @@ def test_arms_differ_only_in_what_the_ablation_names(path):
     experiment = read_experiment(["--config", str(path)])
     assert experiment["arms"] and len(experiment["arms"]) >= 2, f"{path.name} needs at least two arms"
     named = {key for arm in experiment["arms"].values() for key in arm}
-    configs = {name: _flat(resolve(path, name, experiment).config.as_dict()) for name in experiment["arms"]}
+    configs = {name: _flat(resolve(path, name, experiment, tiny=False).config.as_dict()) for name in experiment["arms"]}
     first, *others = configs.values()
     for name, config in configs.items():
         differing = {k for k in set(first) | set(config) if first.get(k) != config.get(k)} - set(RUN_KEYS)
@@ -50,12 +50,18 @@ def test_fusion_arms_have_equal_trainable_parameters():
         assert abs(count - mos) / mos <= 0.05, f"{name}: {count} vs MoS {mos} trainable parameters"
 
 
-@pytest.mark.parametrize("name", ["fusion", "layer_selection", "prediction_granularity", "mot_vs_mos"])
-def test_every_strategy_trains_through_the_cli(tmp_path, name):
+# MoT needs the generation tower to mirror the tower: two MiniLM layers, 12 heads of 32
+SYMMETRIC = ["--model.understanding.init_args.num_layers=2", "--model.generation.init_args.width=384",
+             "--model.generation.init_args.depth=2", "--model.generation.init_args.heads=12"]
+
+
+@pytest.mark.parametrize("name, extra", [("fusion", []), ("layer_selection", []), ("prediction_granularity", []),
+                                         ("operation_space", []), ("mot_vs_mos", SYMMETRIC)], ids=lambda v: str(v)[:24])
+def test_every_strategy_trains_through_the_cli(tmp_path, name, extra):
     from mos_lightning.cli import cli_main
 
     rows = cli_main(["fit", "--config", str(ROOT / "experiments" / f"{name}.yaml"), "--config", TINY,
-                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", *extra])
     experiment = read_experiment(["--config", str(ROOT / "experiments" / f"{name}.yaml")])
     assert [r["arm"] for r in rows] == list(experiment["arms"])
     for row in rows:

@@ -111,3 +111,81 @@ def test_router_norm_shared_or_per_modality():
 def test_bad_strategy_settings(build, setting):
     with pytest.raises(ConfigError, match=setting):
         build(TowerGeometry(M, DU, N, DG))
+
+
+def test_tower_keys_values_are_its_own_attention_projections(minilm):
+    from mos_lightning.model.understanding import UnderstandingTower
+
+    tower = UnderstandingTower(dtype="float32")
+    tower.capture_keys_values = True
+    states = tower(["a red circle to the left of a blue square", "two green crosses"])
+    layers = tower.model.encoder.layer
+    assert states.keys_values.shape[:3] == (2, len(layers), 2)
+    for i, layer in enumerate(layers):  # layer i reads hidden state i
+        attention = layer.attention.self
+        torch.testing.assert_close(states.keys_values[:, i, 0], attention.key(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(states.keys_values[:, i, 1], attention.value(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_keys_values(tiny_llama_path):
+    from mos_lightning.model.understanding import UnderstandingTower
+
+    tower = UnderstandingTower(tiny_llama_path, dtype="float32")
+    tower.capture_keys_values = True
+    states = tower(["a red circle"])
+    layer = tower.model.layers[1]
+    expected = layer.self_attn.k_proj(layer.input_layernorm(states.hidden[:, 1]))
+    torch.testing.assert_close(states.keys_values[:, 1, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def _mot_geometry(layers=4, heads=2, head_dim=16, gen_heads=2, gen_width=32):
+    return TowerGeometry(layers + 1, 48, layers, gen_width, heads, head_dim, gen_heads)
+
+
+def test_mot_block_j_reads_tower_layer_j(rng):
+    from mos_lightning.model.fusion import MoTFusion
+
+    geometry = _mot_geometry()
+    kv = torch.randn(3, 4, 2, 6, 32, generator=rng)
+    states = TowerStates(torch.randn(3, 5, 6, 48, generator=rng), torch.ones(3, 6, dtype=torch.bool), kv)
+    conditioning = MoTFusion(geometry)(states, None, None)
+    for j in range(4):
+        k, v = conditioning.block_inputs(j)["context_kv"]
+        torch.testing.assert_close(k.transpose(1, 2).flatten(2), kv[:, j, 0])  # (B, L, H d) again
+        torch.testing.assert_close(v.transpose(1, 2).flatten(2), kv[:, j, 1])
+
+
+@pytest.mark.parametrize("geometry, message", [
+    (_mot_geometry(layers=4), None),
+    (TowerGeometry(5, 48, 3, 32, 2, 16, 2), "one understanding layer per generation block"),
+    (_mot_geometry(gen_heads=4), "same head geometry"),
+    (_mot_geometry(head_dim=8), "same head geometry"),
+])
+def test_mot_needs_symmetric_towers(geometry, message):
+    from mos_lightning.model.fusion import MoTFusion
+
+    if message is None:
+        MoTFusion(geometry)
+        return
+    with pytest.raises(ConfigError, match=message):
+        MoTFusion(geometry)
+
+
+def test_key_value_routing_against_reference(rng):
+    from mos_lightning.model.fusion import KeyValueMoSFusion
+    from mos_lightning.model.router import select_top_k
+
+    geometry = _mot_geometry(layers=4, gen_width=32)
+    fusion = KeyValueMoSFusion(geometry, top_k=2).eval()
+    kv = torch.randn(3, 4, 2, 6, 32, generator=rng)
+    states = TowerStates(torch.randn(3, 5, 6, 48, generator=rng), torch.ones(3, 6, dtype=torch.bool), kv)
+    out = fusion(states, torch.randn(3, 9, 32, generator=rng), torch.rand(3, generator=rng))
+    w = out.routing.weights.detach()
+    assert w.shape[-2:] == (4, 4)  # routes among the 4 layers that have K/V
+    sel = select_top_k(w, 2, 0.0)
+    b, l, j = 1, 3, 2  # one (sample, token, block), by hand
+    mixed = sum(w[b, l, i, j] * torch.cat([kv[b, i, 0, l], kv[b, i, 1, l]]) for i in range(4) if sel[b, l, i, j])
+    expected = mixed @ fusion.proj.weight[j] + fusion.proj.bias[j]  # (2 * D_g)
+    k, v = out.block_inputs(j)["context_kv"]
+    got = torch.cat([k[b, :, l].flatten(), v[b, :, l].flatten()])
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)

@@ -56,16 +56,21 @@ class Block(nn.Module):
         return self.q_norm(rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                stream_mask: torch.Tensor | None = None, cross: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                stream_mask: torch.Tensor | None = None, cross: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, N, D) carried stream; context: (B, L, D) in-context tokens (keys/values only);
+        context_kv: ready (k, v) of (B, H, L, d) instead of context tokens (MoT: the tower's own);
         context_mask: (B, L) and stream_mask: (B, N) bool, False where a padded token is;
         cross: a residual sub-layer between attention and FFN (cross-attention fusion)."""
         h = self.norm_image(x)
         k, v = self.keys_values(h)  # (B, H, N, d)
         if context is not None:
-            kc, vc = self.keys_values(self.norm_context(context))  # (B, H, L, d)
-            k, v = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
-        mask = _key_mask(context_mask if context is not None else None, stream_mask, context, x)
+            context_kv = self.keys_values(self.norm_context(context))  # (B, H, L, d) each
+        elif context_kv is not None:
+            context_kv = (self.k_norm(context_kv[0].to(k.dtype)), context_kv[1].to(v.dtype))  # QK-norm scale
+        if context_kv is not None:
+            k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
+        mask = _key_mask(context_mask, stream_mask, None if context_kv is None else context_kv[0].shape[2], x)
         attn = F.scaled_dot_product_attention(self.query(h), k, v, attn_mask=mask)
         x = x + self.out(rearrange(attn, "b h n d -> b n (h d)"))
         if cross is not None:
@@ -73,13 +78,15 @@ class Block(nn.Module):
         return x + self.ffn(self.norm_ffn(x))
 
 
-def _key_mask(context_mask, stream_mask, context, x) -> torch.Tensor | None:
+def _key_mask(context_mask, stream_mask, num_context: int | None, x) -> torch.Tensor | None:
     """(B, 1, 1, L + N) bool over [context ; stream] keys: padded tokens are never attended."""
     if context_mask is None and stream_mask is None:
         return None
-    ones = lambda n: torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)  # noqa: E731
-    parts = [] if context is None else [context_mask if context_mask is not None else ones(context.shape[1])]
-    parts.append(stream_mask if stream_mask is not None else ones(x.shape[1]))
+    batch = x.shape[0]
+    parts = []
+    if num_context is not None:
+        parts.append(context_mask if context_mask is not None else x.new_ones(batch, num_context, dtype=torch.bool))
+    parts.append(stream_mask if stream_mask is not None else x.new_ones(batch, x.shape[1], dtype=torch.bool))
     return torch.cat(parts, dim=1)[:, None, None, :]
 
 

@@ -32,7 +32,7 @@ class GenerationTower(nn.Module):
         super().__init__()
         if min(width, depth, heads, patch_size, channels) < 1:
             raise ConfigError("generation: width, depth, heads, patch_size and channels must all be >= 1")
-        self.width, self.depth, self.patch_size, self.channels = width, depth, patch_size, channels
+        self.width, self.depth, self.heads, self.patch_size, self.channels = width, depth, heads, patch_size, channels
         self.patch_embed = nn.Linear(patch_size * patch_size * channels, width)
         self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
         self.timestep = TimestepEmbedding(width) if timestep_embedding else None

@@ -23,10 +23,15 @@ class TextToImage(nn.Module):
         super().__init__()
         self.understanding, self.generation = understanding, generation
         self.autoencoder = autoencoder or PixelSpace()
-        self.geometry = TowerGeometry(understanding.num_layers, understanding.width, generation.depth, generation.width)
+        self.geometry = TowerGeometry(understanding.num_layers, understanding.width, generation.depth, generation.width,
+                                      understanding.kv_heads, understanding.head_dim, generation.heads)
         self.fusion = fusion(self.geometry)
+        understanding.capture_keys_values = self.fusion.reads_keys_values
         # the learned null context for caption dropout and classifier-free guidance
         self.null_context = nn.Parameter(torch.randn(self.geometry.understanding_layers, understanding.width) * 0.02)
+        kv_width = understanding.kv_heads * understanding.head_dim
+        self.null_keys_values = nn.Parameter(torch.randn(self.geometry.understanding_layers - 1, 2, kv_width) * 0.02) \
+            if self.fusion.reads_keys_values else None
 
     def states(self, captions: list[str], drop: torch.Tensor | None = None) -> TowerStates:
         """U(c) for every caption; rows where `drop` is True get the null context instead."""
@@ -38,7 +43,11 @@ class TextToImage(nn.Module):
         hidden = torch.where(drop[:, None, None, None], null.expand_as(states.hidden), states.hidden)
         first_only = torch.zeros_like(states.mask)
         first_only[:, 0] = True
-        return TowerStates(hidden=hidden, mask=torch.where(drop[:, None], first_only, states.mask))
+        kv = states.keys_values
+        if kv is not None:
+            null_kv = self.null_keys_values.to(kv.dtype)[None, :, :, None, :]  # (1, m - 1, 2, 1, D_kv)
+            kv = torch.where(drop[:, None, None, None, None], null_kv.expand_as(kv), kv)
+        return TowerStates(hidden=hidden, mask=torch.where(drop[:, None], first_only, states.mask), keys_values=kv)
 
     def null_states(self, like: TowerStates) -> TowerStates:
         return self.with_null(like, torch.ones(like.mask.shape[0], dtype=torch.bool, device=like.mask.device))

@@ -63,6 +63,7 @@ class UnderstandingTower(nn.Module):
         self.model.requires_grad_(False).eval()
         self.max_length = max_length
         self.memo_size = memo_size
+        self.capture_keys_values = False  # set by fusions that read the tower's own K/V (MoT)
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
@@ -74,6 +75,16 @@ class UnderstandingTower(nn.Module):
     def width(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def kv_heads(self) -> int:
+        config = self.model.config
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        config = self.model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.model.eval()  # frozen: dropout stays off whatever the trainer says
@@ -84,12 +95,27 @@ class UnderstandingTower(nn.Module):
         device = next(self.model.parameters()).device
         tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         tok = {k: v.to(device) for k, v in tok.items()}
-        out = self.model(**tok, output_hidden_states=True)
+        captured: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in self.kv_modules()] \
+            if self.capture_keys_values else []
+        try:
+            out = self.model(**tok, output_hidden_states=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
         hidden = torch.stack(out.hidden_states, dim=1)  # (B, m, L, D_u)
-        return TowerStates(hidden=hidden, mask=tok["attention_mask"].bool())
+        kv = torch.stack(captured, 1).unflatten(1, (-1, 2)) if captured else None  # (B, m - 1, 2, L, D_kv)
+        return TowerStates(hidden=hidden, mask=tok["attention_mask"].bool(), keys_values=kv)
+
+    def kv_modules(self) -> list[nn.Module]:
+        """Each layer's key and value projections, in order (BERT: key/value; LLaMA, Qwen: k_proj/v_proj).
+
+        Their outputs are the keys before any rotary embedding: MoT's image queries sit at other
+        positions than the prompt, so we route content, not position."""
+        return [module for layer in _layers(self.model) for module in _kv_pair(layer)]
 
     def forward(self, captions: list[str]) -> TowerStates:
-        if self.memo_size <= 0:
+        if self.memo_size <= 0 or self.capture_keys_values:
             return self.encode(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
         if missing:
@@ -116,15 +142,34 @@ def _pad(items: list[torch.Tensor]) -> TowerStates:
     return TowerStates(hidden=hidden, mask=mask)
 
 
-def _truncate(model: nn.Module, keep: int) -> None:
-    """Keep the first `keep` transformer layers of any transformers model (its layer ModuleList)."""
+def _kv_pair(layer: nn.Module) -> list[nn.Module]:
+    found = {name.rsplit(".", 1)[-1]: module for name, module in layer.named_modules()}
+    for key, value in (("key", "value"), ("k_proj", "v_proj")):
+        if key in found and value in found:
+            return [found[key], found[value]]
+    raise ConfigError(f"understanding: cannot find key/value projections in {type(layer).__name__}")
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the model's ModuleList of transformer layers."""
     total = model.config.num_hidden_layers
-    if not 1 <= keep <= total:
-        raise ConfigError(f"understanding.num_layers={keep} is out of range: allowed 1..{total}")
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.ModuleList) and len(child) == total:
-                setattr(parent, name, child[:keep])
-                model.config.num_hidden_layers = keep
-                return
-    raise ConfigError(f"understanding.num_layers: no list of {total} layers found in {type(model).__name__}")
+                return parent, name
+    raise ConfigError(f"understanding: no list of {total} layers found in {type(model).__name__}")
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    parent, name = _layer_list(model)
+    return getattr(parent, name)
+
+
+def _truncate(model: nn.Module, keep: int) -> None:
+    """Keep the first `keep` transformer layers of any transformers model."""
+    total = model.config.num_hidden_layers
+    if not 1 <= keep <= total:
+        raise ConfigError(f"understanding.num_layers={keep} is out of range: allowed 1..{total}")
+    parent, name = _layer_list(model)
+    setattr(parent, name, getattr(parent, name)[:keep])
+    model.config.num_hidden_layers = keep

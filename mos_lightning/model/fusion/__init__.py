@@ -2,8 +2,9 @@
 from .base import Fusion, LayerProjections
 from .cross_attn import CrossAttentionFusion
 from .hand_crafted import HandCraftedFusion
-from .mos import MoSFusion, SampleWiseMoSFusion
+from .mos import KeyValueMoSFusion, MoSFusion, SampleWiseMoSFusion
+from .mot import MoTFusion
 from .self_attn import SelfAttentionFusion
 
-__all__ = ["CrossAttentionFusion", "Fusion", "HandCraftedFusion", "LayerProjections", "MoSFusion",
-           "SampleWiseMoSFusion", "SelfAttentionFusion"]
+__all__ = ["CrossAttentionFusion", "Fusion", "HandCraftedFusion", "KeyValueMoSFusion", "LayerProjections", "MoSFusion",
+           "MoTFusion", "SampleWiseMoSFusion", "SelfAttentionFusion"]

@@ -17,6 +17,8 @@ class Fusion(nn.Module):
     their own configuration, set in YAML under `fusion.init_args`.
     """
 
+    reads_keys_values = False  # True: the understanding tower also returns each layer's own K/V
+
     def __init__(self, geometry: TowerGeometry):
         super().__init__()
         self.geometry = geometry

@@ -1,9 +1,11 @@
 """Mixture of States fusion (§3.2-3.3): router -> Eq. 3 -> eps-greedy top-k -> Eq. 4 -> Proj_j."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
+from einops import rearrange
 
 from ...errors import ConfigError
 from ...types import Conditioning, Routing, TowerGeometry, TowerStates
@@ -29,14 +31,22 @@ class MoSFusion(Fusion):
                  epsilon: float = 0.05, renormalize: bool = False, router_width: int = 64,
                  router_depth: int = 2, router_heads: int = 4, modality_norms: bool = True):
         super().__init__(geometry)
-        m, n = geometry.understanding_layers, geometry.generation_layers
+        m, n = self.routed_layers(geometry), geometry.generation_layers
         if not 1 <= top_k <= m:
             raise ConfigError(f"fusion.top_k={top_k} is out of range: allowed 1..{m} (m, the understanding tower's states)")
         if not 0.0 <= epsilon <= 1.0:
             raise ConfigError(f"fusion.epsilon={epsilon} is out of range: allowed [0, 1]")
         self.top_k, self.epsilon, self.renormalize = top_k, epsilon, renormalize
-        self.router = self.router_class(geometry, inputs, router_width, router_depth, router_heads, modality_norms)
-        self.proj = LayerProjections(n, geometry.understanding_width, geometry.generation_width)
+        routed = replace(geometry, understanding_layers=m)
+        self.router = self.router_class(routed, inputs, router_width, router_depth, router_heads, modality_norms)
+        self.proj = LayerProjections(n, *self.projection_widths(geometry))
+
+    def routed_layers(self, geometry: TowerGeometry) -> int:
+        """m: how many understanding states the router chooses among."""
+        return geometry.understanding_layers
+
+    def projection_widths(self, geometry: TowerGeometry) -> tuple[int, int]:
+        return geometry.understanding_width, geometry.generation_width
 
     def route(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Routing:
         logits = self.router(states, latent, t)  # (B, L, m, n)
@@ -54,3 +64,26 @@ class SampleWiseMoSFusion(MoSFusion):
     """MoS whose router predicts one routing matrix per prompt from a [CLS] token (Table 2, Fig. 5a)."""
 
     router_class = SampleWiseRouter
+
+
+class KeyValueMoSFusion(MoSFusion):
+    """MoS routing in the keys/values space (App. B.1, Fig. 9a-b): the router mixes each tower
+    layer's own attention K and V (m - 1 layers; the embeddings have none), and Proj_j maps them
+    to block j's keys and values, which the block then attends to directly."""
+
+    reads_keys_values = True
+
+    def routed_layers(self, geometry: TowerGeometry) -> int:
+        return geometry.understanding_layers - 1
+
+    def projection_widths(self, geometry: TowerGeometry) -> tuple[int, int]:
+        kv_width = geometry.understanding_kv_heads * geometry.understanding_head_dim
+        return 2 * kv_width, 2 * geometry.generation_width
+
+    def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Conditioning:
+        routing = self.route(states, latent, t)
+        kv = rearrange(states.keys_values, "b m two l d -> b m l (two d)")  # (B, m - 1, L, 2 D_kv)
+        mixed = self.proj(aggregate(kv, routing.weights, routing.selected, self.renormalize))  # (B, n, L, 2 D_g)
+        heads = self.geometry.generation_heads
+        return Conditioning(states.mask, context_kv=rearrange(mixed, "b n l (two h d) -> b n two h l d", two=2, h=heads),
+                            routing=routing)
