@@ -22,7 +22,7 @@ def arm_row(name: str, cli) -> dict:
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.0f}"
     return "" if value is None else str(value)
 
 
