@@ -142,6 +142,10 @@ def cli_main(args: list[str] | None = None):
             from .sample import sample_main
 
             return sample_main(args[1:])
+        if args and args[0] == "cache":
+            from .cache_cmd import cache_main
+
+            return cache_main(args[1:])
         if args and args[0] == "fit":
             return run_fit(args[1:])
         return MoSCLI(args=args)

@@ -15,6 +15,9 @@ def arm_row(name: str, cli) -> dict:
     row = {"arm": name, "val/loss": metrics.pop("val/loss", None), "val/loss@0": cli.initial_val_loss}
     row.update({k: v for k, v in sorted(metrics.items()) if "loss_t" not in k})
     row["trainable_params"] = cli.model.model.trainable_parameters()
+    tower = cli.model.model.understanding
+    if getattr(tower, "cache", None) is not None:  # how much of training the tower cache served
+        row["cache_hit_rate"] = tower.cache_hits / max(tower.cache_hits + tower.cache_misses, 1)
     row["steps"] = cli.trainer.global_step
     row["wall_s"] = round(cli.wall_time, 1)
     return row

@@ -252,6 +252,10 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {i} out of range for ShapesDataset of length {self.length}")
         return scene_for(self.seed, i % self.length, self.image_size, self.categories)
 
+    def caption_at(self, i: int) -> str:
+        """The caption alone, without drawing (the tower cache reads every caption)."""
+        return caption(self.scene(i))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
         scene = self.scene(i)
         return to_tensor(render(scene)), caption(scene), scene.category

@@ -40,10 +40,12 @@ class UnderstandingTower(nn.Module):
         memo_size: how many captions' states to keep in memory; a frozen tower's output for a
             caption never changes, and the embedded domain repeats captions often.
         num_layers: keep only the first layers (a smaller tower from the same weights, App. B.4).
+        cache_dir: read states from (and never write to) the disk cache that
+            `python -m mos_lightning cache` filled for this tower; misses run the tower.
     """
 
     def __init__(self, path: str | None = None, dtype: str = "bfloat16", max_length: int = 32, memo_size: int = 0,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, cache_dir: str | None = None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -65,6 +67,12 @@ class UnderstandingTower(nn.Module):
         self.memo_size = memo_size
         self.capture_keys_values = False  # set by fusions that read the tower's own K/V (MoT)
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache = None
+        if cache_dir is not None:
+            from ..state_cache import StateCache, tower_identity
+
+            self.cache = StateCache(cache_dir, tower_identity(self))
+        self.cache_hits = self.cache_misses = 0
 
     @property
     def num_layers(self) -> int:
@@ -115,19 +123,38 @@ class UnderstandingTower(nn.Module):
         return [module for layer in _layers(self.model) for module in _kv_pair(layer)]
 
     def forward(self, captions: list[str]) -> TowerStates:
-        if self.memo_size <= 0 or self.capture_keys_values:
+        if (self.memo_size <= 0 and self.cache is None) or self.capture_keys_values:
             return self.encode(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
+        found = {c: self._memo.get(c) for c in dict.fromkeys(captions)}
+        found.update({c: self._from_cache(c) for c, s in found.items() if s is None})
+        missing = [c for c, s in found.items() if s is None]
         if missing:
-            self._remember(missing, self.encode(missing))
-        return _pad([self._memo[c] for c in captions])
+            found.update(zip(missing, _unpad(self.encode(missing))))
+        self._remember(found)
+        return _pad([found[c] for c in captions])
 
-    def _remember(self, captions: list[str], states: TowerStates) -> None:
-        for caption, hidden, mask in zip(captions, states.hidden, states.mask):
-            self._memo[caption] = hidden[:, mask]  # (m, L_i, D_u), padding dropped
+    def _from_cache(self, caption: str) -> torch.Tensor | None:
+        if self.cache is None:
+            return None
+        states = self.cache.get(caption)
+        self.cache_hits += states is not None
+        self.cache_misses += states is None
+        device = next(self.model.parameters()).device
+        return None if states is None else states.to(device=device, dtype=next(self.model.parameters()).dtype)
+
+    def _remember(self, states: dict[str, torch.Tensor]) -> None:
+        if self.memo_size <= 0:
+            return
+        for caption, hidden in states.items():
+            self._memo[caption] = hidden
             self._memo.move_to_end(caption)
         while len(self._memo) > self.memo_size:
             self._memo.popitem(last=False)
+
+
+def _unpad(states: TowerStates) -> list[torch.Tensor]:
+    """Per-caption states (m, L_i, D), padding dropped."""
+    return [hidden[:, mask] for hidden, mask in zip(states.hidden, states.mask)]
 
 
 def _pad(items: list[torch.Tensor]) -> TowerStates:

@@ -1,0 +1,41 @@
+"""`python -m mos_lightning cache --config ... --cache_dir DIR`: fill the understanding-tower cache.
+
+Takes the same --config files and overrides as `fit`; encodes every caption of the configured
+DataModule's train and val sets with the configured tower, and writes them under DIR. Train with
+`--model.understanding.init_args.cache_dir DIR` to read them instead of running the tower.
+"""
+from __future__ import annotations
+
+import time
+
+from .state_cache import StateCache, dataset_captions, fill, tower_identity
+
+
+def _pop(args: list[str], name: str, default=None):
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2:]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
+    return default, args
+
+
+def cache_main(args: list[str]) -> dict:
+    from .cli import MoSCLI
+    from .errors import ConfigError
+
+    cache_dir, args = _pop(args, "--cache_dir")
+    batch_size, args = _pop(args, "--batch_size", "256")
+    if cache_dir is None:
+        raise ConfigError("cache: --cache_dir is required (where the shards go)")
+    cli = MoSCLI(args=[*args, "--trainer.logger=false", "--model.understanding.init_args.cache_dir=null"], run=False)
+    tower, data = cli.model.model.understanding, cli.datamodule
+    data.setup("fit")
+    captions = [c for loader in (data.train_dataloader(), data.val_dataloader()) for c in dataset_captions(loader.dataset)]
+    cache = StateCache(cache_dir, tower_identity(tower))
+    start = time.perf_counter()
+    written = fill(tower, captions, cache, int(batch_size))
+    report = {"identity": cache.dir.name, "captions": len(set(captions)), "written": written,
+              "cached": len(cache), "seconds": round(time.perf_counter() - start, 1)}
+    print(f"cache {cache.dir}: {report}")
+    return report
