@@ -46,16 +46,19 @@ class MoSCLI(LightningCLI):
 
     def after_fit(self) -> None:
         self.wall_time = time.perf_counter() - self.fit_start
+        summary = getattr(self.datamodule, "skipped_summary", None)
+        if summary is not None:
+            print(f"data: {summary()}", file=sys.stderr)  # skipped samples are counted, never silent
 
 
 def check_image_size(model: MoSModule, datamodule) -> None:
-    size = getattr(datamodule, "image_size", None)
-    if size is None:
-        return
+    """Every shape a batch can take (each bucket) must tile into whole patches."""
+    sizes = getattr(datamodule, "image_sizes", [getattr(datamodule, "image_size", None)])
     unit = model.model.generation.patch_size * model.model.autoencoder.factor
-    if size[0] % unit or size[1] % unit:
-        raise ConfigError(f"data.image_size={tuple(size)} is not divisible by model.generation.patch_size x "
-                          f"autoencoder factor = {unit}")
+    for size in filter(None, sizes):
+        if size[0] % unit or size[1] % unit:
+            raise ConfigError(f"data.image_size={tuple(size)} is not divisible by model.generation.patch_size x "
+                              f"autoencoder factor = {unit}")
 
 
 def _config_paths(args: list[str]) -> list[str]:

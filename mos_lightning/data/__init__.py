@@ -1,4 +1,7 @@
-"""Data: the embedded shapes domain (procedural, no download)."""
+"""Data: the embedded shapes domain (procedural, no download) and image-caption corpora."""
+from mos_lightning.data.corpus import ImageCaptionDataModule
+from mos_lightning.data.mjhq import MJHQDataset
+from mos_lightning.data.sources import FolderDataset, ManifestDataset, ShardDataset
 from mos_lightning.data.shapes import (
     CATEGORIES,
     COLOURS,
@@ -17,6 +20,11 @@ from mos_lightning.data.shapes import (
 )
 
 __all__ = [
+    "FolderDataset",
+    "ImageCaptionDataModule",
+    "MJHQDataset",
+    "ManifestDataset",
+    "ShardDataset",
     "CATEGORIES",
     "COLOURS",
     "RELATIONS",

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from mos_lightning.data.buckets import nearest_bucket
 from mos_lightning.data.images import DEFAULT_MAX_PIXELS, SkipCounter, check_size, header_size, image_tensor
 from mos_lightning.errors import ConfigError
 
@@ -42,6 +43,7 @@ class MapSource(Dataset):
         self.skipped = SkipCounter()
         self.paths: list[Path] = []
         self._bad: set[int] = set()  # known-bad indices, so a revisit costs nothing
+        self.buckets: list[tuple[int, int]] | None = None  # set by a bucketing DataModule
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,8 +58,13 @@ class MapSource(Dataset):
         """Original (H, W) from the file header without decoding (for bucket samplers); None if unreadable."""
         return header_size(self.paths[i])
 
-    def load(self, i: int) -> Item | None:
-        """Sample i exactly, or None (counted once) if it is bad."""
+    def target_size(self, i: int) -> tuple[int, int]:
+        """The (H, W) sample i is cropped to: its nearest bucket when bucketing, else image_size."""
+        size = self.size_of(i) if self.buckets else None
+        return self.image_size if size is None else nearest_bucket(*size, self.buckets)
+
+    def load(self, i: int, size: tuple[int, int] | None = None) -> Item | None:
+        """Sample i exactly (cropped to `size`, default its target size), or None (counted once) if bad."""
         if i in self._bad:
             return None
         text = self.caption(i)
@@ -65,7 +72,7 @@ class MapSource(Dataset):
             self.skipped.add("no_caption", key=i, detail=str(self.paths[i]))
             self._bad.add(i)
             return None
-        image = image_tensor(self.paths[i], self.image_size, self.skipped, key=i, max_pixels=self.max_pixels)
+        image = image_tensor(self.paths[i], size or self.target_size(i), self.skipped, key=i, max_pixels=self.max_pixels)
         if image is None:
             self._bad.add(i)
             return None
@@ -75,8 +82,9 @@ class MapSource(Dataset):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {type(self).__name__} of length {n}")
+        size = self.target_size(i)  # a stand-in for a bad sample keeps the batch's bucket shape
         for k in range(min(self.max_tries, n)):
-            item = self.load((i + k) % n)
+            item = self.load((i + k) % n, size)
             if item is not None:
                 return item
         raise RuntimeError(f"{type(self).__name__}: {self.max_tries} bad samples in a row from index {i} "

@@ -1,0 +1,60 @@
+"""A DataModule over any image-caption source (folder, manifest, MJHQ, shards), with buckets."""
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from mos_lightning.data.buckets import BucketBatchSampler, bucket_table
+from mos_lightning.data.shapes import collate
+from mos_lightning.errors import ConfigError
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Trains on `train` (and validates on `val`) from any source chosen by class_path.
+
+    Args:
+        train, val: datasets such as FolderDataset, ManifestDataset, MJHQDataset or ShardDataset.
+        bucket_base: when set, map-style sources are bucketed by aspect ratio (App. A): each
+            sample is cropped to its nearest bucket of area ~bucket_base^2 and batches never mix
+            shapes; None crops everything to the source's image_size.
+        bucket_multiple: bucket sides are multiples of this (patch size x autoencoder factor).
+        seed: shuffling and bucket order.
+    """
+
+    def __init__(self, train: Dataset, val: Dataset | None = None, batch_size: int = 32, num_workers: int = 0,
+                 bucket_base: int | None = None, bucket_multiple: int = 16, max_ratio: float = 2.0, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        self.train_set, self.val_set = train, val
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.buckets = bucket_table(bucket_base, bucket_multiple, max_ratio) if bucket_base else None
+        self.image_size = (bucket_base, bucket_base) if bucket_base else getattr(train, "image_size", None)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Every shape a batch can have (the CLI checks each against the patch size)."""
+        return self.buckets or [self.image_size]
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        common = {"num_workers": self.num_workers, "collate_fn": collate, "persistent_workers": self.num_workers > 0}
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(dataset, batch_size=self.batch_size, **common)
+        if self.buckets is None:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train, **common)
+        dataset.buckets = self.buckets
+        sizes = [dataset.size_of(i) or self.image_size for i in range(len(dataset))]
+        sampler = BucketBatchSampler(sizes, self.batch_size, self.buckets, seed=self.seed, shuffle=train)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+    def skipped_summary(self) -> str:
+        """How many samples each split skipped and why (in-process counts; workers count their own)."""
+        parts = [f"{name}: {data.skipped.summary()}" for name, data in (("train", self.train_set), ("val", self.val_set))
+                 if data is not None and hasattr(data, "skipped")]
+        return "; ".join(parts)
