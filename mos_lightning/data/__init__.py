@@ -1,5 +1,5 @@
 """Data: the embedded shapes domain (procedural, no download) and image-caption corpora."""
-from mos_lightning.data.corpus import ImageCaptionDataModule
+from mos_lightning.data.corpus import BucketedShapesDataset, ImageCaptionDataModule
 from mos_lightning.data.mjhq import MJHQDataset
 from mos_lightning.data.sources import FolderDataset, ManifestDataset, ShardDataset
 from mos_lightning.data.shapes import (
@@ -20,6 +20,7 @@ from mos_lightning.data.shapes import (
 )
 
 __all__ = [
+    "BucketedShapesDataset",
     "FolderDataset",
     "ImageCaptionDataModule",
     "MJHQDataset",

@@ -1,11 +1,14 @@
 """A DataModule over any image-caption source (folder, manifest, MJHQ, shards), with buckets."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mos_lightning.data.buckets import BucketBatchSampler, bucket_table
-from mos_lightning.data.shapes import collate
+from mos_lightning.data.shapes import CATEGORIES, ShapesDataset, collate
 from mos_lightning.errors import ConfigError
 
 
@@ -58,3 +61,29 @@ class ImageCaptionDataModule(L.LightningDataModule):
         parts = [f"{name}: {data.skipped.summary()}" for name, data in (("train", self.train_set), ("val", self.val_set))
                  if data is not None and hasattr(data, "skipped")]
         return "; ".join(parts)
+
+
+class BucketedShapesDataset(Dataset):
+    """The shapes domain at several aspect ratios: sample i's canvas is one bucket of `table`,
+    drawn by (seed, i), so the default run exercises the bucket sampler (App. A)."""
+
+    def __init__(self, length: int, seed: int = 0, base: int = 32, multiple: int = 8, max_ratio: float = 2.0,
+                 categories: Sequence[str] = CATEGORIES):
+        self.table = bucket_table(base, multiple, max_ratio)
+        self.seed, self.length = seed, length
+        self.canvases = {size: ShapesDataset(length, seed, size, categories) for size in self.table}
+        pick = np.random.default_rng([seed, 7]).integers(0, len(self.table), length)  # one draw, deterministic
+        self.sizes = [self.table[k] for k in pick]
+        self.image_size = (base, base)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def size_of(self, i: int) -> tuple[int, int]:
+        return self.sizes[i]
+
+    def caption_at(self, i: int) -> str:
+        return self.canvases[self.sizes[i]].caption_at(i)
+
+    def __getitem__(self, i: int):
+        return self.canvases[self.sizes[i]][i]
