@@ -11,21 +11,12 @@ import time
 from .state_cache import StateCache, dataset_captions, fill, tower_identity
 
 
-def _pop(args: list[str], name: str, default=None):
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1], args[:i] + args[i + 2:]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
-    return default, args
-
-
 def cache_main(args: list[str]) -> dict:
-    from .cli import MoSCLI
+    from .cli import MoSCLI, pop_option
     from .errors import ConfigError
 
-    cache_dir, args = _pop(args, "--cache_dir")
-    batch_size, args = _pop(args, "--batch_size", "256")
+    cache_dir, args = pop_option(args, "--cache_dir")
+    batch_size, args = pop_option(args, "--batch_size", default="256")
     if cache_dir is None:
         raise ConfigError("cache: --cache_dir is required (where the shards go)")
     cli = MoSCLI(args=[*args, "--trainer.logger=false", "--model.understanding.init_args.cache_dir=null"], run=False)

@@ -82,18 +82,19 @@ def read_experiment(args: list[str]) -> dict:
     return experiment
 
 
-def _pop_arm(args: list[str]) -> tuple[list[str], str | None]:
-    rest, arm, i = [], None, 0
+def pop_option(args: list[str], *names: str, default=None) -> tuple[object, list[str]]:
+    """Take `--name value` or `--name=value` (any of `names`) out of args; the last one wins."""
+    value, rest, i = default, [], 0
     while i < len(args):
-        if args[i] in ("--arm", "--experiment.arm") and i + 1 < len(args):
-            arm, i = args[i + 1], i + 2
+        if args[i] in names and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
             continue
-        if args[i].startswith(("--arm=", "--experiment.arm=")):
-            arm = args[i].split("=", 1)[1]
+        if args[i].startswith(tuple(n + "=" for n in names)):
+            value = args[i].split("=", 1)[1]
         else:
             rest.append(args[i])
         i += 1
-    return rest, arm
+    return value, rest
 
 
 def select_arms(experiment: dict, arm: str | None) -> dict[str, dict]:
@@ -119,7 +120,7 @@ def with_arm(args: list[str], arm: list[str]) -> list[str]:
 
 
 def run_fit(args: list[str]) -> list[dict]:
-    args, arm = _pop_arm(args)
+    arm, args = pop_option(args, "--arm", "--experiment.arm")
     experiment = read_experiment(args)
     arms = select_arms(experiment, arm)
     printing = any(a.startswith("--print_config") for a in args)

@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .model.understanding import unpad
+
 log = logging.getLogger("mos_lightning.cache")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -98,6 +100,5 @@ def fill(tower, captions: list[str], cache: StateCache, batch_size: int = 256) -
     todo = [c for c in dict.fromkeys(captions) if c not in cache]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        states = tower.encode(chunk)
-        cache.put({c: hidden[:, mask] for c, hidden, mask in zip(chunk, states.hidden, states.mask)})
+        cache.put(dict(zip(chunk, unpad(tower.encode(chunk)))))
     return len(todo)

@@ -129,7 +129,7 @@ class UnderstandingTower(nn.Module):
         found.update({c: self._from_cache(c) for c, s in found.items() if s is None})
         missing = [c for c, s in found.items() if s is None]
         if missing:
-            found.update(zip(missing, _unpad(self.encode(missing))))
+            found.update(zip(missing, unpad(self.encode(missing))))
         self._remember(found)
         return _pad([found[c] for c in captions])
 
@@ -139,8 +139,8 @@ class UnderstandingTower(nn.Module):
         states = self.cache.get(caption)
         self.cache_hits += states is not None
         self.cache_misses += states is None
-        device = next(self.model.parameters()).device
-        return None if states is None else states.to(device=device, dtype=next(self.model.parameters()).dtype)
+        weight = next(self.model.parameters())
+        return None if states is None else states.to(device=weight.device, dtype=weight.dtype)
 
     def _remember(self, states: dict[str, torch.Tensor]) -> None:
         if self.memo_size <= 0:
@@ -152,7 +152,7 @@ class UnderstandingTower(nn.Module):
             self._memo.popitem(last=False)
 
 
-def _unpad(states: TowerStates) -> list[torch.Tensor]:
+def unpad(states: TowerStates) -> list[torch.Tensor]:
     """Per-caption states (m, L_i, D), padding dropped."""
     return [hidden[:, mask] for hidden, mask in zip(states.hidden, states.mask)]
 
