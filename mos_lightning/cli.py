@@ -39,10 +39,10 @@ class MoSCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_image_size(self.model, self.datamodule)
-        start = time.perf_counter()
-        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self.initial_val_loss = metrics[0].get("val/loss") if metrics else None
-        self.fit_start = start
+        self.fit_start, self.initial_val_loss = time.perf_counter(), None
+        if self.config.fit.get("ckpt_path") is None:  # a resumed run already has its starting point logged
+            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self.initial_val_loss = metrics[0].get("val/loss") if metrics else None
 
     def after_fit(self) -> None:
         self.wall_time = time.perf_counter() - self.fit_start
@@ -123,6 +123,8 @@ def run_fit(args: list[str]) -> list[dict]:
     arm, args = pop_option(args, "--arm", "--experiment.arm")
     experiment = read_experiment(args)
     arms = select_arms(experiment, arm)
+    if len(arms) > 1 and any(a.startswith("--ckpt_path") for a in args):
+        raise ConfigError(f"--ckpt_path resumes one arm; add --arm NAME (arms: {', '.join(arms)})")
     printing = any(a.startswith("--print_config") for a in args)
     rows = []
     for name, overrides in arms.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Callable, Sequence
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .data.buckets import mix_seed
 from .errors import ConfigError
 from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
 from .model.fusion import MoSFusion
@@ -70,6 +72,13 @@ class MoSModule(L.LightningModule):
         with attention_backends(z0.device):
             velocity, _ = self.model(interpolate(z0, noise, t), t, states)
         return flow_loss(velocity, velocity_target(z0, noise))
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Training randomness (t, noise, caption dropout, eps-greedy) from (seed, step, rank), not from a
+        running stream: Lightning does not checkpoint RNG state, and this makes `fit --ckpt_path` continue
+        exactly as the uninterrupted run would."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (LightningCLI's seed_everything)
+        torch.manual_seed(mix_seed(seed, self.trainer.global_step, self.trainer.global_rank))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         n = len(batch)

@@ -93,10 +93,10 @@ def resize_center_crop(image: Image.Image, bucket: tuple[int, int]) -> Image.Ima
     return resized.crop((left, top, left + width, top + height))
 
 
-def _mix(seed: int, epoch: int) -> int:
-    """One generator seed from (seed, epoch), hashed: torch's CPU generator keeps only the low 32 bits of a
-    seed, so shifting or adding would let (seed, epoch) pairs collide (seed + epoch makes (0, 1) == (1, 0))."""
-    digest = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=4).digest()
+def mix_seed(*parts: int) -> int:
+    """One 32-bit generator seed from several ints, hashed: torch's CPU generator keeps only the low 32 bits of
+    a seed, so shifting or adding would let tuples collide (seed + epoch makes (0, 1) == (1, 0))."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -160,7 +160,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         n = len(self._bucket)
         if not self.shuffle:
             return list(range(n))
-        return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))).tolist()
+        return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch))).tolist()
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """Every dispatch of the epoch (all ranks' indices), in order; deterministic, so cached per epoch."""

@@ -7,12 +7,13 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from mos_lightning.data.buckets import BucketBatchSampler, bucket_table
+from mos_lightning.data.buckets import bucket_table
+from mos_lightning.data.resume import ResumableTrainData
 from mos_lightning.data.shapes import CATEGORIES, ShapesDataset, collate
 from mos_lightning.errors import ConfigError
 
 
-class ImageCaptionDataModule(L.LightningDataModule):
+class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     """Trains on `train` (and validates on `val`) from any source chosen by class_path.
 
     Args:
@@ -47,8 +48,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train, **common)
         dataset.buckets = self.buckets
         sizes = [dataset.size_of(i) or self.image_size for i in range(len(dataset))]
-        sampler = BucketBatchSampler(sizes, self.batch_size, self.buckets, seed=self.seed, shuffle=train)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        return self.bucket_loader(dataset, sizes, self.buckets, train, collate, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from mos_lightning.data.resume import ResumableTrainData
 from mos_lightning.errors import ConfigError
 from mos_lightning.types import Batch
 
@@ -266,7 +267,7 @@ def collate(items: Sequence[tuple[torch.Tensor, str, str]]) -> Batch:
     return Batch(torch.stack(images), list(captions), list(categories))
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(ResumableTrainData, L.LightningDataModule):
     """Train split uses `seed`, val uses `seed + VAL_SEED_OFFSET`: disjoint, reproducible."""
 
     def __init__(self, batch_size: int = 64, train_size: int = 20000, val_size: int = 256,
@@ -280,20 +281,19 @@ class ShapesDataModule(L.LightningDataModule):
         if train_size < batch_size:  # drop_last=True would silently yield no train batch
             raise ConfigError(f"train_size: must be >= batch_size ({batch_size}), got {train_size}")
         self.save_hyperparameters()
+        self.batch_size, self.seed = batch_size, seed
         # Datasets draw samples on access, so building them here is free and checks seed, image_size and
         # categories before a trainer starts.
         self.train_set = ShapesDataset(train_size, seed, image_size, categories)
         self.val_set = ShapesDataset(val_size, seed + VAL_SEED_OFFSET, image_size, categories)
         self.image_size = self.train_set.image_size  # (H, W); the CLI checks it against the patch size
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        gen = torch.Generator().manual_seed(hp.seed) if train else None
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, generator=gen, drop_last=train,
-                          num_workers=hp.num_workers, collate_fn=collate, persistent_workers=hp.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def train_dataloader(self) -> DataLoader:  # one bucket: shuffled full batches, DDP-sharded, resumable
+        size = self.train_set.image_size
+        return self.bucket_loader(self.train_set, [size] * len(self.train_set), [size], True, collate,
+                                  self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        workers = self.hparams.num_workers
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=workers, collate_fn=collate,
+                          persistent_workers=workers > 0)
