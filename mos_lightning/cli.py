@@ -46,9 +46,9 @@ class MoSCLI(LightningCLI):
 
     def after_fit(self) -> None:
         self.wall_time = time.perf_counter() - self.fit_start
-        summary = getattr(self.datamodule, "skipped_summary", None)
-        if summary is not None:
-            print(f"data: {summary()}", file=sys.stderr)  # skipped samples are counted, never silent
+        summary = getattr(self.datamodule, "skipped_summary", lambda: "")()
+        if summary:
+            print(f"data: {summary}", file=sys.stderr)  # skipped samples are counted, never silent
 
 
 def check_image_size(model: MoSModule, datamodule) -> None:
@@ -136,7 +136,7 @@ def run_fit(args: list[str]) -> list[dict]:
                 continue  # --print_config: print every arm's config
             raise
         rows.append(arm_row(name, cli))
-    if rows:
+    if rows and cli.trainer.is_global_zero:  # under DDP every rank runs the arms; one writes the table
         write_table(rows, Path(cli.trainer.logger.save_dir) / experiment["name"])
     return rows
 

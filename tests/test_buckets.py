@@ -52,6 +52,19 @@ def test_bucket_table_off_grid_base_is_not_empty(rng):
     assert table and all(h % multiple == 0 and w % multiple == 0 for h, w in table)
 
 
+def test_eval_mode_yields_every_sample_once_in_one_shape_batches(rng):
+    sizes, table = _random_sizes(rng, _randint(rng, 50, 300)), _table(rng)
+    batch_size = _randint(rng, 2, 9)
+    sampler = BucketBatchSampler(sizes, batch_size, table, shuffle=False, drop_last=False)
+    batches = _epoch(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    assert len(sampler) == len(batches)
+    for batch in batches:
+        assert 0 < len(batch) <= batch_size and len({nearest_bucket(*sizes[i], table) for i in batch}) == 1
+    short = [b for b in batches if len(b) < batch_size]
+    assert len(short) <= len(table)  # at most one partial batch per bucket
+
+
 @pytest.mark.parametrize("kwargs, setting", [
     (dict(base=8, multiple=16), "base"), (dict(base=64, multiple=0), "multiple"),
     (dict(base=64, multiple=16, max_ratio=0.5), "max_ratio")])
@@ -224,7 +237,8 @@ def test_resume_state_across_set_epoch(rng):
 
 @pytest.mark.parametrize("kwargs, setting", [
     (dict(batch_size=0), "batch_size"), (dict(sizes=[]), "sizes"), (dict(rank=2, num_replicas=2), "rank"),
-    (dict(rank=-1, num_replicas=2), "rank"), (dict(num_replicas=0, rank=0), "num_replicas")])
+    (dict(rank=-1, num_replicas=2), "rank"), (dict(num_replicas=0, rank=0), "num_replicas"),
+    (dict(drop_last=False, num_replicas=2, rank=0), "drop_last")])
 def test_sampler_bad_args(kwargs, setting):
     args = dict(sizes=[(64, 32), (32, 64)], batch_size=1, table=bucket_table(64, 16)) | kwargs
     with pytest.raises(ConfigError, match=setting):

@@ -13,15 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class BatchRecorder(L.Callback):
-    """Appends (step, captions, shape, loss) of every training batch to a JSONL file."""
+    """Appends (step, captions, shape, loss) of every training batch to a JSONL file; ranks > 0 to .rankN."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, "captions": batch.captions,
-               "shape": list(batch.images.shape[-2:]), "loss": float(outputs["loss"])}
-        with open(self.path, "a") as f:
+               "shape": list(batch.images.shape[-2:]), "loss": float(outputs["loss"]),
+               "arm": trainer.logger.version if trainer.logger else None}
+        rank = trainer.global_rank
+        with open(self.path + (f".rank{rank}" if rank else ""), "a") as f:
             f.write(json.dumps(row) + "\n")
 
 

@@ -119,7 +119,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     Each epoch walks a permutation seeded by (seed, epoch) (identity order when shuffle=False), appending each
     index to its bucket's queue; a queue holding batch_size x num_replicas indices is dispatched and rank r
     takes [r*batch_size:(r+1)*batch_size]. Partial queues left at the epoch end are dropped, so every batch is
-    full and all ranks yield the same number of batches with the same bucket at each step.
+    full and all ranks yield the same number of batches with the same bucket at each step. For evaluation,
+    drop_last=False (one replica) dispatches the partial queues too, so every sample is seen once.
 
     Resume: `state_dict()` counts the batches this sampler has handed out this epoch; after `load_state_dict`
     the next `__iter__` of that epoch skips them. With DataLoader workers the loader draws batches ahead of
@@ -129,13 +130,18 @@ class BucketBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, table: Sequence[tuple[int, int]],
-                 seed: int = 0, shuffle: bool = True, num_replicas: int | None = None, rank: int | None = None):
+                 seed: int = 0, shuffle: bool = True, num_replicas: int | None = None, rank: int | None = None,
+                 drop_last: bool = True):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         if len(sizes) == 0:
             raise ConfigError("sizes: must hold at least one (H, W) sample size")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"seed: must be an int, got {seed!r}")
         self.num_replicas, self.rank = _dist_defaults(num_replicas, rank)
+        if not drop_last and self.num_replicas > 1:
+            raise ConfigError("drop_last: False needs one replica (partial batches would break DDP lock-step); "
+                              "evaluate the full set on every rank with num_replicas=1, rank=0")
+        self.drop_last = drop_last
         self.table = [tuple(b) for b in table]
         slot = {b: i for i, b in enumerate(self.table)}
         self._bucket = [slot[nearest_bucket(h, w, self.table)] for h, w in sizes]  # sample -> table row
@@ -173,6 +179,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             if len(queue) == full:
                 plan.append(queue)
                 queues[self._bucket[index]] = []
+        if not self.drop_last:  # evaluation: every sample once, the last batch of a bucket may be short
+            plan += [queue for queue in queues.values() if queue]
         self._plan_cache = (epoch, plan)  # one epoch only: bounded memory on large datasets
         return plan
 

@@ -27,8 +27,11 @@ class ResumableTrainData:
 
     def bucket_loader(self, dataset: Dataset, sizes: Sequence[tuple[int, int]], table: Sequence[tuple[int, int]],
                       train: bool, collate_fn: Callable, num_workers: int = 0) -> DataLoader:
-        """A loader over batches of one bucket shape; the train one resumes from a loaded checkpoint."""
-        sampler = BucketBatchSampler(sizes, self.batch_size, table, seed=self.seed, shuffle=train)
+        """A loader over batches of one bucket shape; the train one is sharded across ranks and resumes from a
+        loaded checkpoint, the val one yields every sample once on every rank."""
+        # Validation is not sharded: every rank scores the whole set, so val metrics need no cross-rank sync.
+        shard = {} if train else {"num_replicas": 1, "rank": 0, "drop_last": False}
+        sampler = BucketBatchSampler(sizes, self.batch_size, table, seed=self.seed, shuffle=train, **shard)
         if train:
             if self._pending_sampler_state is not None:
                 sampler.load_state_dict(self._pending_sampler_state)
