@@ -113,6 +113,24 @@ def test_shards_stream_and_train(tmp_path, np_rng):
     assert rows[0]["steps"] == 2
 
 
+def test_bucketed_shards_train_through_the_cli(tmp_path, np_rng):
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(24):
+            buffer = BytesIO()
+            _image(np_rng, SIZES[i % len(SIZES)]).save(buffer, format="PNG")
+            for name, payload in ((f"{i:04d}.png", buffer.getvalue()), (f"{i:04d}.txt", f"a cross {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, BytesIO(payload))
+    train = source("ShardDataset", urls=str(shard), image_size=32, batches_per_epoch=3)
+    data = {"class_path": "mos_lightning.data.ImageCaptionDataModule",
+            "init_args": {"train": train, "val": source("ShardDataset", urls=str(shard), image_size=32),
+                          "batch_size": 2, "bucket_base": 32, "bucket_multiple": 8}}
+    rows = fit(tmp_path, data, "--trainer.max_steps=5", "--trainer.val_check_interval=5")
+    assert rows[0]["steps"] == 5 and rows[0]["val/loss"] > 0  # 3 batches an epoch: the stream restarted
+
+
 def test_bucket_not_divisible_by_patch_is_a_clear_error(tmp_path, np_rng, capsys):
     folder = make_folder(tmp_path / "imgs", np_rng, n=4)
     data = {"class_path": "mos_lightning.data.ImageCaptionDataModule",

@@ -209,6 +209,52 @@ def test_shards_survive_a_broken_tar_and_workers(tmp_path, nprng):
     assert sorted(c for b in loader for c in b.captions) == ["one", "three", "vier \u00fc", "zero"]
 
 
+def bucketed_shards(tmp_path, nprng, n=30) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Two shards of PNGs at random aspect ratios; returns the urls and caption -> original (H, W)."""
+    sizes, urls = {}, []
+    for s in range(2):
+        members = {}
+        for k in range(n // 2):
+            h, w = (int(v) for v in nprng.integers(12, 80, 2))
+            text = f"sample {s}-{k}"
+            members[f"k{k:03d}.png"], members[f"k{k:03d}.txt"] = encode(Image.fromarray(rgb(nprng, h, w)), "PNG"), text.encode()
+            sizes[text] = (h, w)
+        urls.append(str(tmp_path / f"b-{s:03d}.tar"))
+        write_shard(urls[-1], members)
+    return urls, sizes
+
+
+def test_shards_bucketed_online(tmp_path, nprng):
+    from mos_lightning.data.buckets import bucket_table, nearest_bucket
+
+    urls, sizes = bucketed_shards(tmp_path, nprng)
+    table = bucket_table(32, 8)
+    ds = ShardDataset(urls, image_size=32)
+    ds.buckets, ds.batch_size, ds.drop_last = table, 3, False
+    batches = list(DataLoader(ds, batch_size=None))
+    seen = [c for b in batches for c in b.captions]
+    assert sorted(seen) == sorted(sizes)  # every sample once (eval mode keeps partial batches)
+    for b in batches:
+        want = {nearest_bucket(*sizes[c], table) for c in b.captions}
+        assert len(want) == 1 and tuple(b.images.shape[-2:]) == want.pop()
+    assert len({tuple(b.images.shape[-2:]) for b in batches}) > 1
+    ds.drop_last = True
+    assert all(len(b) == 3 for b in DataLoader(ds, batch_size=None))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_batches_per_epoch_is_exact(tmp_path, nprng, workers):
+    from mos_lightning.data.buckets import bucket_table
+
+    urls, _ = bucketed_shards(tmp_path, nprng, n=12)
+    ds = ShardDataset(urls, image_size=32, batches_per_epoch=7)  # more than one pass holds: shards repeat
+    ds.buckets, ds.batch_size = bucket_table(32, 8), 4
+    batches = list(DataLoader(ds, batch_size=None, num_workers=workers))
+    assert len(batches) == 7 and all(len(b) == 4 for b in batches)
+    with pytest.raises(ConfigError, match="batches_per_epoch"):
+        ShardDataset(urls, batches_per_epoch=0)
+
+
 def mjhq_tree(root, nprng):
     meta = {}
     for cat in ("people", "animals"):

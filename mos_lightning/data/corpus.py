@@ -18,9 +18,10 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
 
     Args:
         train, val: datasets such as FolderDataset, ManifestDataset, MJHQDataset or ShardDataset.
-        bucket_base: when set, map-style sources are bucketed by aspect ratio (App. A): each
-            sample is cropped to its nearest bucket of area ~bucket_base^2 and batches never mix
-            shapes; None crops everything to the source's image_size.
+        bucket_base: when set, sources are bucketed by aspect ratio (App. A): each sample is
+            cropped to its nearest bucket of area ~bucket_base^2 and batches never mix shapes
+            (map-style through BucketBatchSampler, streams online); None crops everything to the
+            source's image_size.
         bucket_multiple: bucket sides are multiples of this (patch size x autoencoder factor).
         seed: shuffling and bucket order.
     """
@@ -43,7 +44,11 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         common = {"num_workers": self.num_workers, "collate_fn": collate, "persistent_workers": self.num_workers > 0}
         if isinstance(dataset, IterableDataset):
-            return DataLoader(dataset, batch_size=self.batch_size, **common)
+            if self.buckets is None:
+                return DataLoader(dataset, batch_size=self.batch_size, **common)
+            dataset.buckets, dataset.batch_size, dataset.drop_last = self.buckets, self.batch_size, train
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)  # the stream yields whole batches
         if self.buckets is None:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train, **common)
         dataset.buckets = self.buckets

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mos_lightning.data.buckets import nearest_bucket
 from mos_lightning.data.images import DEFAULT_MAX_PIXELS, SkipCounter, check_size, header_size, image_tensor
+from mos_lightning.data.shapes import collate
+from mos_lightning.types import Batch
 from mos_lightning.errors import ConfigError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -177,10 +179,16 @@ class ShardDataset(IterableDataset):
     `urls` is a brace pattern ("data-{000..009}.tar"), a path, or a list. Shards are split across nodes and
     DataLoader workers by webdataset; each worker has its own `.skipped` copy (see SkipCounter). A tar that
     cannot be read is counted as "bad_shard" and streaming goes on with the next shard.
+
+    Bucketed (a DataModule with bucket_base sets `buckets`): each item goes online to the bucket nearest its
+    aspect ratio, from the image header, and the stream yields whole one-shape batches. `batches_per_epoch`
+    makes every rank yield exactly that many (repeating its shards as needed): under DDP, ranks holding
+    different amounts of data would otherwise end the epoch at different steps and stall the gradient sync.
     """
 
     def __init__(self, urls: str | Sequence[str], image_size: int | Sequence[int] = 256,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, shardshuffle: bool | int = False):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, shardshuffle: bool | int = False,
+                 batches_per_epoch: int | None = None):
         if isinstance(urls, (str, os.PathLike)):
             urls = str(urls)
         elif not urls:
@@ -191,7 +199,13 @@ class ShardDataset(IterableDataset):
         self.image_size = check_size(image_size)
         self.max_pixels = max_pixels
         self.shardshuffle = shardshuffle
+        if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch < 1):
+            raise ConfigError(f"batches_per_epoch: must be an int >= 1 or null, got {batches_per_epoch!r}")
+        self.batches_per_epoch = batches_per_epoch
         self.skipped = SkipCounter()
+        # Set by a bucketing DataModule: the stream then yields whole Batches of one bucket shape.
+        self.buckets: list[tuple[int, int]] | None = None
+        self.batch_size, self.drop_last = 1, True
 
     def _bad_shard(self, err: Exception) -> bool:
         self.skipped.add("bad_shard", detail=repr(err))
@@ -215,11 +229,47 @@ class ShardDataset(IterableDataset):
         if not text or not text.strip():
             self.skipped.add("no_caption", key=key, detail=key)
             return None
-        image = image_tensor(bytes(data), self.image_size, self.skipped, key=key, max_pixels=self.max_pixels)
+        size = header_size(bytes(data)) if self.buckets else None  # nearest bucket, from the header alone
+        target = self.image_size if size is None else nearest_bucket(*size, self.buckets)
+        image = image_tensor(bytes(data), target, self.skipped, key=key, max_pixels=self.max_pixels)
         return None if image is None else (image, text.strip(), "")
 
-    def __iter__(self) -> Iterator[Item]:
-        for sample in self._samples():
-            item = self._item(sample)
-            if item is not None:
-                yield item
+    def _items(self, repeat: bool) -> Iterator[Item]:
+        """Good items of this worker's shards; with `repeat`, pass after pass (a pass with none stops)."""
+        while True:
+            found = False
+            for sample in self._samples():
+                item = self._item(sample)
+                if item is not None:
+                    found = True
+                    yield item
+            if not (repeat and found):
+                return
+
+    def _budget(self) -> int | None:
+        """This DataLoader worker's share of batches_per_epoch (equal counts per rank keep DDP in step)."""
+        if self.batches_per_epoch is None:
+            return None
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+
+    def _bucketed(self) -> Iterator[Batch]:
+        """Online bucketing (App. A): each item joins its bucket's queue; a full queue is one batch."""
+        budget, queues, sent = self._budget(), {}, 0
+        if budget == 0:
+            return
+        for item in self._items(repeat=budget is not None):
+            queue = queues.setdefault(tuple(item[0].shape[-2:]), [])
+            queue.append(item)
+            if len(queue) == self.batch_size:
+                yield collate(queue)
+                queue.clear()
+                sent += 1
+                if sent == budget:
+                    return
+        if not self.drop_last:
+            yield from (collate(q) for q in queues.values() if q)
+
+    def __iter__(self) -> Iterator[Item] | Iterator[Batch]:
+        return self._bucketed() if self.buckets else self._items(repeat=False)
