@@ -125,6 +125,25 @@ def test_exif_rotation_is_applied_and_seen_by_size_of(tmp_path, nprng):
     check_item(ds[0], "turned")
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_decode_matches_full_decode(nprng, orientation):
+    """Reduced-scale JPEG decoding (draft) gives the same crop as decoding at full size, up to resampling."""
+    from mos_lightning.data.images import cover_crop, image_tensor, to_tensor
+
+    h, w = (int(v) for v in nprng.integers(200, 500, 2))
+    smooth = np.linspace(nprng.uniform(0, 255, 3), nprng.uniform(0, 255, 3), w)[None].repeat(h, 0)
+    smooth += np.linspace(0, nprng.uniform(-60, 60), h)[:, None, None]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(smooth.clip(0, 255).astype(np.uint8)), "JPEG", quality=95, exif=exif)
+    size = (int(nprng.integers(16, 48)), int(nprng.integers(16, 48)))
+    drafted = image_tensor(data, size, SkipCounter())
+    full = to_tensor(cover_crop(load_image(data)[0], size))
+    assert drafted.shape == full.shape == (3, *size)
+    assert (drafted - full).abs().mean() < 0.03  # [-1, 1] units: under 1 % of the range
+    assert load_image(data, cover=size)[0].size[0] < load_image(data)[0].size[0]  # it really decoded smaller
+
+
 def test_skip_counter_rate_limit_merge_and_pickle(caplog):
     import pickle
 

@@ -7,6 +7,7 @@ every mode to 8-bit RGB, and `SkipCounter` keeps the tally so a run can say what
 from __future__ import annotations
 
 import io
+import math
 import logging
 import os
 import threading
@@ -57,14 +58,30 @@ def _decode_failure(err: Exception) -> str:
     return "truncated" if "truncat" in str(err).lower() else "corrupt"
 
 
-def load_image(src: str | os.PathLike | bytes,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
+def _draft(im: Image.Image, cover: tuple[int, int]) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while it still covers `cover`
+    (H, W, after EXIF rotation): a 512 px photo bound for a 32 px bucket then decodes ~8x smaller."""
+    if im.format != "JPEG":
+        return
+    h, w = cover
+    try:
+        if im.getexif().get(0x0112) in _ROTATED:
+            h, w = w, h  # the stored image is the rotated one
+    except Exception:  # noqa: BLE001  a broken EXIF block: decode at full size
+        return
+    scale = max(h / im.height, w / im.width)
+    im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+
+
+def load_image(src: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               cover: tuple[int, int] | None = None) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None) or (None, reason), reason one of REASONS.
 
     The pixel count is read from the header before anything is decoded, so an oversized image costs a header
     parse, not gigabytes. Truncated files are rejected (LOAD_TRUNCATED_IMAGES is left alone): a half-grey
     training image is worse than a skipped one. Pillow's own bomb guard (2 x Image.MAX_IMAGE_PIXELS, ~179M)
     still applies at open, so a max_pixels above it changes nothing; we do not raise that global.
+    With `cover` (H, W), a JPEG may come out smaller than stored but never smaller than needed to cover it.
     """
     im, reason = _open(src)
     if im is None:
@@ -75,6 +92,8 @@ def load_image(src: str | os.PathLike | bytes,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if cover is not None:
+                _draft(im, cover)
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im), None
@@ -201,7 +220,7 @@ class SkipCounter:
 def image_tensor(src, image_size: tuple[int, int], skipped: SkipCounter, key=None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
     """Load, cover-crop and convert one image; None (and a counted skip) when it is bad."""
-    im, reason = load_image(src, max_pixels)
+    im, reason = load_image(src, max_pixels, cover=image_size)
     if im is None:
         skipped.add(reason, key, detail=str(key) if key is not None else "")
         return None
