@@ -43,10 +43,12 @@ def euler(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.
 
 @torch.no_grad()
 def generate(model, captions: list[str], image_size: tuple[int, int], steps: int = 20, cfg_scale: float = 1.0,
-             shift: float = 1.0, seed: int = 0, routings: list | None = None) -> torch.Tensor:
+             shift: float = 1.0, seed: int = 0, routings: list | None = None,
+             on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Text -> images in [-1, 1] with `model` (a TextToImage); deterministic given `seed`.
 
     If `routings` is a list, the conditional branch's Routing at every step is appended to it.
+    `on_step(i, z)` sees every intermediate latent, as in `euler`.
     """
     device = model.null_context.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -63,4 +65,4 @@ def generate(model, captions: list[str], image_size: tuple[int, int], steps: int
         return v
 
     velocity = classifier_free(conditional, lambda z, t: model(z, t, null)[0], cfg_scale)
-    return model.autoencoder.decode(euler(velocity, noise, steps, shift))
+    return model.autoencoder.decode(euler(velocity, noise, steps, shift, on_step))
