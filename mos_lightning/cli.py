@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .errors import ConfigError
 from .lit import MoSModule
-from .results import arm_row, write_table
+from .results import arm_row, log_row, write_table
 
 BASE_CONFIG = str(Path(__file__).parent / "configs" / "base.yaml")
 
@@ -136,6 +136,7 @@ def run_fit(args: list[str]) -> list[dict]:
                 continue  # --print_config: print every arm's config
             raise
         rows.append(arm_row(name, cli))
+        log_row(cli, name, rows[-1])
     if rows and cli.trainer.is_global_zero:  # under DDP every rank runs the arms; one writes the table
         write_table(rows, Path(cli.trainer.logger.save_dir) / experiment["name"])
     return rows
@@ -152,6 +153,10 @@ def cli_main(args: list[str] | None = None):
             from .cache_cmd import cache_main
 
             return cache_main(args[1:])
+        if args and args[0] == "table":
+            from .table_cmd import table_main
+
+            return table_main(args[1:])
         if args and args[0] == "fit":
             return run_fit(args[1:])
         return MoSCLI(args=args)

@@ -52,6 +52,9 @@ class MoSModule(L.LightningModule):
                  warmup_steps: int = 4000, val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
                  sample_steps: int = 20, cfg_scale: float = 1.0, sample_shift: float = 1.0):
         super().__init__()
+        # logger=False: the CLI logs each arm's HParams itself, with its final metrics (results.log_row).
+        self.save_hyperparameters(logger=False, ignore=["understanding", "generation", "fusion", "autoencoder",
+                                                        "timesteps"])
         self.strict_loading = False  # checkpoints leave out the frozen understanding tower
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")

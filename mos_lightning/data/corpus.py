@@ -29,6 +29,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     def __init__(self, train: Dataset, val: Dataset | None = None, batch_size: int = 32, num_workers: int = 0,
                  bucket_base: int | None = None, bucket_multiple: int = 16, max_ratio: float = 2.0, seed: int = 0):
         super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["train", "val"])  # the CLI logs HParams per arm
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         self.train_set, self.val_set = train, val

@@ -280,7 +280,7 @@ class ShapesDataModule(ResumableTrainData, L.LightningDataModule):
         _check_int("val_size", val_size, 1)
         if train_size < batch_size:  # drop_last=True would silently yield no train batch
             raise ConfigError(f"train_size: must be >= batch_size ({batch_size}), got {train_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs each arm's HParams itself
         self.batch_size, self.seed = batch_size, seed
         # Datasets draw samples on access, so building them here is free and checks seed, image_size and
         # categories before a trainer starts.
