@@ -1,6 +1,7 @@
 """Router figures in TensorBoard at every validation (App. B.7, Fig. 14), for fixed prompts and a fixed seed."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import lightning as L
@@ -46,9 +47,11 @@ class RouterFigures(L.Callback):
         size = tuple(getattr(trainer.datamodule, "image_size", (32, 32)))
         if not self.routes(pl_module, size):
             return
+        start = time.perf_counter()
         result = trace(pl_module, self.prompts, size, self.seed, self.steps, self.cfg_scale)
         step = trainer.global_step
         for tag, figure in trace_figures(result, self.token_step, trajectory=False).items():
             experiment.add_figure(f"router/{tag}", figure, global_step=step)
         experiment.add_image("router/trajectory", trajectory_strip(result.frames), global_step=step)
-        trainer.logger.log_metrics(summary_scalars(result.routings), step=step)
+        scalars = {**summary_scalars(result.routings), "router/seconds": time.perf_counter() - start}
+        trainer.logger.log_metrics(scalars, step=step)  # router/seconds: read by benchmarks/main_command.py

@@ -101,13 +101,15 @@ class MoSModule(L.LightningModule):
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=len(batch))
 
     def generate(self, captions: list[str], image_size: tuple[int, int], seed: int = 0, routings: list | None = None,
-                 steps: int | None = None, cfg_scale: float | None = None) -> torch.Tensor:
+                 steps: int | None = None, cfg_scale: float | None = None, on_step=None) -> torch.Tensor:
+        """Images in [-1, 1], in eval mode (eps = 0); `routings` and `on_step` as in sampling.generate."""
         was_training = self.training
         self.eval()
         try:
             with attention_backends(self.device):
                 return generate(self.model, captions, image_size, steps or self.sample_steps,
-                                self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings)
+                                self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings,
+                                on_step=on_step)
         finally:
             self.train(was_training)
 

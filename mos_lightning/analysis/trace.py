@@ -6,8 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..lit import attention_backends
-from ..sampling import generate, timestep_schedule
+from ..sampling import timestep_schedule
 from ..types import Routing
 
 
@@ -50,15 +49,8 @@ def trace(module, prompts: Sequence[str], image_size: tuple[int, int], seed: int
     steps = steps or module.sample_steps
     routings, frames = [], []
     decode = module.model.autoencoder.decode
-    was_training = module.training
-    module.eval()
-    try:
-        with attention_backends(module.device):
-            generate(module.model, list(prompts), tuple(image_size), steps,
-                     module.cfg_scale if cfg_scale is None else cfg_scale, module.sample_shift, seed, routings,
-                     on_step=lambda i, z: frames.append((decode(z).float().cpu() + 1) / 2))
-    finally:
-        module.train(was_training)
+    module.generate(list(prompts), tuple(image_size), seed, routings, steps, cfg_scale,
+                    on_step=lambda i, z: frames.append((decode(z).float().cpu() + 1) / 2))
     tower = module.model.understanding
     return Trace(list(prompts), [token_strings(tower, p) for p in prompts], [_to_cpu(r) for r in routings],
                  torch.stack(frames), timestep_schedule(steps, module.sample_shift))
