@@ -21,6 +21,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def seconds_logged(run: Path, tag: str) -> float:
+    """Sum of a timing scalar over the run (the evaluation callbacks log their own cost)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return sum(e.value for e in events.Scalars(tag)) if tag in events.Tags()["scalars"] else 0.0
+
+
+def report(row: dict, run: Path) -> None:
+    ratio = float(row["val/loss"]) / float(row["val/loss@0"])
+    print(f"  {row['arm']:<24} val/loss@0 {float(row['val/loss@0']):.4f} -> {float(row['val/loss']):.4f} "
+          f"({ratio:.0%} of start)  steps {row['steps']}  wall {float(row['wall_s']):.0f} s")
+    scores = "  ".join(f"{k} {float(row[k]):.3f}" for k in ("val/fid", "val/clip", "val/shapes/overall") if row.get(k))
+    if scores:
+        print(f"  {'':<24} {scores}")
+    cost = {tag: seconds_logged(run, tag) for tag in ("eval/seconds", "router/seconds")}
+    if any(cost.values()):
+        spent = sum(cost.values())
+        print(f"  {'':<24} evaluation {cost['eval/seconds']:.1f} s + router figures {cost['router/seconds']:.1f} s "
+              f"= {spent / (float(row['wall_s']) - spent):.1%} on top of the rest of the arm")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "experiments" / "router_inputs.yaml"))
@@ -40,9 +63,7 @@ def main() -> None:
     for table in workdir.glob("runs/*/results.csv"):
         with open(table) as f:
             for row in csv.DictReader(f):
-                ratio = float(row["val/loss"]) / float(row["val/loss@0"])
-                print(f"  {row['arm']:<26} val/loss@0 {float(row['val/loss@0']):.4f} -> {float(row['val/loss']):.4f} "
-                      f"({ratio:.0%} of start)  steps {row['steps']}  wall {float(row['wall_s']):.0f} s")
+                report(row, table.parent / row["arm"])
     raise SystemExit(code)
 
 

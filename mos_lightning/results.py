@@ -7,13 +7,16 @@ from pathlib import Path
 
 from torch.utils.tensorboard.summary import hparams
 
+from .data.shapes import CATEGORIES
+
 
 def _number(value):
     return float(value) if hasattr(value, "item") or isinstance(value, (int, float)) else value
 
 
 # The paper's tables lead with FID and CLIP; ShapesEval is this kit's exact alignment score.
-LEAD = ("val/fid", "val/clip", "val/shapes/overall", "val/loss", "val/loss@0")
+LEAD = ("val/fid", "val/clip", "val/shapes/overall", *(f"val/shapes/{c}" for c in CATEGORIES), "val/loss",
+        "val/loss@0")  # ShapesEval categories in GenEval's table order
 TAIL = ("trainable_params", "cache_hit_rate", "steps", "wall_s")
 ROW_TAG = "table/row"  # each arm's row, as JSON text in its own event files: `table` rebuilds from it
 
