@@ -69,7 +69,11 @@ def write_table(rows: list[dict], directory: Path) -> str:
 
 
 def _hparam(value):
-    return value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    """HParams take numbers, strings and booleans; anything else (lists, class_path Namespaces) as JSON."""
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    plain = value.as_dict() if hasattr(value, "as_dict") else value  # jsonargparse Namespace
+    return json.dumps(plain, default=str)
 
 
 def arm_hparams(cli, name: str) -> dict:
@@ -94,8 +98,8 @@ def log_row(cli, name: str, row: dict) -> None:
     (val/loss, val/fid, ...), so the dashboard and the curves agree.
     """
     logger = cli.trainer.logger
-    if not hasattr(getattr(logger, "experiment", None), "add_text"):
-        return
+    if not cli.trainer.is_global_zero or not hasattr(getattr(logger, "experiment", None), "add_text"):
+        return  # other ranks hold a dummy experiment
     writer = logger.experiment
     writer.add_text(ROW_TAG, json.dumps(row), global_step=cli.trainer.global_step)
     metrics = {k: v for k, v in row.items() if k.startswith("val/") and k != "val/loss@0" and v is not None}
