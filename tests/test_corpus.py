@@ -141,16 +141,15 @@ def test_bucket_not_divisible_by_patch_is_a_clear_error(tmp_path, np_rng, capsys
     assert stop.value.code == 2 and "not divisible by model.generation.patch_size" in capsys.readouterr().err
 
 
-def test_shapes_bucket_overlay_trains_on_several_shapes(tmp_path):
+def test_default_run_trains_on_several_aspect_ratios(tmp_path):
     from mos_lightning.cli import MoSCLI
 
-    overlay = str(ROOT / "experiments" / "scale" / "shapes_buckets.yaml")
-    cli = MoSCLI(args=["--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config", overlay,
-                       "--trainer.logger=false"], run=False)
+    cli = MoSCLI(args=["--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--trainer.logger=false"],
+                 run=False)  # the packaged base config: the main command's data
     shapes = {tuple(batch.images.shape[-2:]) for _, batch in zip(range(12), cli.datamodule.train_dataloader())}
     assert shapes == {(24, 40), (32, 32), (40, 24)}
-    rows = cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config", overlay,
-                     "--config", str(ROOT / "tests" / "tiny.yaml"), "--config", overlay, "--arm", "prompt_latent",
-                     "--data.init_args.batch_size=4", "--data.init_args.val.init_args.length=16",
-                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    data = yaml.safe_load((ROOT / "mos_lightning" / "configs" / "base.yaml").read_text())["data"]
+    data["init_args"]["batch_size"] = 4
+    data["init_args"]["val"]["init_args"]["length"] = 16
+    rows = fit(tmp_path, data)
     assert rows[0]["steps"] == 2
