@@ -16,6 +16,8 @@ from mos_lightning.evaluation.fid import FrechetDistance
 from mos_lightning.evaluation.prompts import EvalPrompts, EvalSet, ShapesPrompts
 from mos_lightning.evaluation.shapes_eval import score as shapes_score
 
+from .samples import images_size
+
 
 @lru_cache(maxsize=4)
 def cached_clip(model_name: str, pretrained: str | None):
@@ -49,8 +51,9 @@ class Evaluation(L.Callback):
         cache_dir: reference statistics cache (default: <save_dir>/.cache/fid).
     """
 
-    def __init__(self, prompts: EvalPrompts | None = None, fid_extractor: str = "open-clip:shapes-clip", fid_weights: str | None = None,
-                 clip_model: str = "shapes-clip", clip_pretrained: str | None = None, every_n_validations: int = 0,
+    def __init__(self, prompts: EvalPrompts | None = None, fid_extractor: str = "open-clip:shapes-clip",
+                 fid_weights: str | None = None, clip_model: str = "shapes-clip", clip_pretrained: str | None = None,
+                 every_n_validations: int = 0,
                  seed: int = 0, steps: int | None = None, cfg_scale: float | None = None, batch_size: int = 64,
                  cache_dir: str | None = None):
         if not isinstance(every_n_validations, int) or every_n_validations < 0:
@@ -119,6 +122,3 @@ class Evaluation(L.Callback):
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=2, default=str))
 
-
-def images_size(trainer: L.Trainer) -> tuple[int, int]:
-    return tuple(getattr(trainer.datamodule, "image_size", None) or (32, 32))

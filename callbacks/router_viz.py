@@ -10,6 +10,8 @@ from mos_lightning.analysis.figures import trace_figures, trajectory_strip
 from mos_lightning.analysis.routing import summary_scalars
 from mos_lightning.analysis.trace import trace
 
+from .samples import images_size
+
 DEFAULT_PROMPTS = ("a red circle to the left of a blue square", "two purple circles")
 
 
@@ -44,7 +46,7 @@ class RouterFigures(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.sanity_checking or not hasattr(experiment, "add_figure"):
             return
-        size = tuple(getattr(trainer.datamodule, "image_size", (32, 32)))
+        size = images_size(trainer)
         if not self.routes(pl_module, size):
             return
         start = time.perf_counter()

@@ -36,5 +36,10 @@ class SampleGrid(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.sanity_checking or not hasattr(experiment, "add_image"):
             return
-        size = getattr(trainer.datamodule, "image_size", (32, 32))
+        size = images_size(trainer)
         experiment.add_image("samples", self.grid(pl_module, size), global_step=trainer.global_step)
+
+
+def images_size(trainer: L.Trainer) -> tuple[int, int]:
+    """The (H, W) the callbacks generate at: the DataModule's image_size (its base bucket), else 32 x 32."""
+    return tuple(getattr(trainer.datamodule, "image_size", None) or (32, 32))

@@ -79,7 +79,7 @@ def _hparam(value):
 def arm_hparams(cli, name: str) -> dict:
     """What distinguishes this arm in TensorBoard's HParams dashboard: its overrides and the shared budget."""
     config = cli.config.fit
-    overrides = (config.experiment.arms or {}).get(name, {}) if config.experiment.arms else {}
+    overrides = (config.experiment.arms or {}).get(name) or {}
     params = {"experiment": config.experiment.name, "arm": name}
     for key in ("model.fusion.class_path", *overrides, "trainer.max_steps", "model.lr", "seed_everything"):
         value = config.get(key)
