@@ -20,6 +20,17 @@ def velocity_target(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
     return z1 - z0
 
 
+def velocity_from_data(z_t: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, t_min: float = 0.05) -> torch.Tensor:
+    """The velocity implied by a data prediction z0 at z_t: v = (z_t - z0) / t, with t >= t_min.
+
+    For a network that predicts z0 (x-prediction, Li & He 2025, "Back to Basics: Let Denoising
+    Generative Models Denoise") while the loss stays Eq. 1's velocity MSE; t_min bounds the
+    division near t = 0 (their 0.05).
+    """
+    t = t.view(-1, *([1] * (z_t.dim() - 1))).clamp_min(t_min).to(z0.dtype)
+    return (z_t.to(z0.dtype) - z0) / t
+
+
 def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE (B,), so callbacks can look at losses by timestep or category."""
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -39,6 +39,8 @@ class MoSModule(L.LightningModule):
         understanding, generation, fusion, autoencoder: the model's components (class_path in YAML);
             `fusion` is given the towers' geometry when the model is built.
         timesteps: the training timestep sampler (App. A: logit-normal, later mode sampling).
+        prediction: "velocity" (the tower outputs v, Eq. 1) or "data" (it outputs z0; the loss is still
+            Eq. 1's velocity MSE). "data" learns faster at the embedded budget (README, "Training recipe").
         caption_dropout: fraction of captions replaced by the learned null context (for CFG).
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
@@ -47,10 +49,10 @@ class MoSModule(L.LightningModule):
 
     def __init__(self, understanding: UnderstandingTower | None = None, generation: GenerationTower | None = None,
                  fusion: FusionFactory | None = None, autoencoder: nn.Module | None = None,
-                 timesteps: TimestepSampler | None = None, caption_dropout: float = 0.1, lr: float = 1e-4,
-                 min_lr: float = 1.5e-5, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 4000, val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
-                 sample_steps: int = 20, cfg_scale: float = 1.0, sample_shift: float = 1.0):
+                 timesteps: TimestepSampler | None = None, prediction: str = "velocity", caption_dropout: float = 0.1,
+                 lr: float = 1e-4, min_lr: float = 1.5e-5, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 4000,
+                 val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8), sample_steps: int = 20, cfg_scale: float = 1.0, sample_shift: float = 1.0):
         super().__init__()
         # logger=False: the CLI logs each arm's HParams itself, with its final metrics (results.log_row).
         self.save_hyperparameters(logger=False, ignore=["understanding", "generation", "fusion", "autoencoder",
@@ -59,7 +61,7 @@ class MoSModule(L.LightningModule):
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
-                                 fusion or MoSFusion, autoencoder)
+                                 fusion or MoSFusion, autoencoder, prediction)
         self.timesteps = timesteps or LogitNormal()
         self.caption_dropout = caption_dropout
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)

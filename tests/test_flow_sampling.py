@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mos_lightning.errors import ConfigError
-from mos_lightning.flow import LogitNormal, ModeSampling, flow_loss, interpolate, shift_timesteps, velocity_target
+from mos_lightning.flow import (LogitNormal, ModeSampling, flow_loss, interpolate, shift_timesteps, velocity_from_data,
+                                velocity_target)
 from mos_lightning.lit import warmup_cosine
 from mos_lightning.sampling import classifier_free, euler, timestep_schedule
 
@@ -97,3 +98,30 @@ def test_sampler_is_deterministic_given_seed(minilm):
     routings = []
     module.generate(prompts[:1], (16, 16), seed=3, steps=3, routings=routings)
     assert len(routings) == 3 and routings[0].weights.shape[-2:] == (7, 2)
+
+
+def test_velocity_from_a_data_prediction(rng):
+    """The true z0 gives back the true velocity z1 - z0 (t >= t_min); below t_min the division uses t_min."""
+    z0, z1 = (torch.randn(5, 3, 8, 8, generator=rng, dtype=torch.float64) for _ in range(2))
+    t = 0.05 + 0.95 * torch.rand(5, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(velocity_from_data(interpolate(z0, z1, t), z0, t), z1 - z0)
+    small = torch.full((5,), 0.01, dtype=torch.float64)
+    zt = interpolate(z0, z1, small)
+    torch.testing.assert_close(velocity_from_data(zt, z0, small), (zt - z0) / 0.05)
+
+
+def test_data_prediction_setting(minilm, rng):
+    from mos_lightning.lit import MoSModule
+    from mos_lightning.model.generation import GenerationTower
+
+    with pytest.raises(ConfigError, match="model.prediction"):
+        MoSModule(understanding=minilm, generation=GenerationTower(width=32, depth=1, heads=2), prediction="noise")
+    module = MoSModule(understanding=minilm, generation=GenerationTower(width=32, depth=1, heads=2), prediction="data")
+    module.eval()  # eps = 0: both calls route the same way
+    torch.nn.init.normal_(module.model.generation.head.weight, std=0.5)  # not the zero-initialised head
+    z = torch.randn(2, 3, 8, 8, generator=rng)
+    t = torch.tensor([0.3, 0.7])
+    states = module.model.states(["a red circle", "a blue square"])
+    velocity, _ = module.model(z, t, states)
+    tower_output = module.model.generation(z, t, module.model.fusion(states, module.model.generation.patchify(z), t))
+    torch.testing.assert_close(velocity, (z - tower_output) / t.view(-1, 1, 1, 1))

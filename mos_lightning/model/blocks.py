@@ -6,6 +6,9 @@ carried from block to block; the context is fresh at every block, so the block c
 and values for the context but no queries, no attention output and no FFN for it. That is
 exactly what the naive "concatenate, run everything, drop the context outputs" computes,
 because those outputs are thrown away (tests/test_blocks.py checks it).
+
+Image tokens carry 2-D rotary positions on their queries and keys; context tokens are not
+rotated, so a routed state is equally visible from every image position.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .embeddings import apply_rope
 
 
 class SwiGLU(nn.Module):
@@ -57,13 +62,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 stream_mask: torch.Tensor | None = None, cross: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, N, D) carried stream; context: (B, L, D) in-context tokens (keys/values only);
         context_kv: ready (k, v) of (B, H, L, d) instead of context tokens (MoT: the tower's own);
         context_mask: (B, L) and stream_mask: (B, N) bool, False where a padded token is;
-        cross: a residual sub-layer between attention and FFN (cross-attention fusion)."""
+        cross: a residual sub-layer between attention and FFN (cross-attention fusion);
+        rope: (cos, sin) of (N, d) for the carried stream (embeddings.rope_2d), None for no rotation."""
         h = self.norm_image(x)
         k, v = self.keys_values(h)  # (B, H, N, d)
+        q = self.query(h)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if context is not None:
             context_kv = self.keys_values(self.norm_context(context))  # (B, H, L, d) each
         elif context_kv is not None:
@@ -71,7 +81,7 @@ class Block(nn.Module):
         if context_kv is not None:
             k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
         mask = _key_mask(context_mask, stream_mask, None if context_kv is None else context_kv[0].shape[2], x)
-        attn = F.scaled_dot_product_attention(self.query(h), k, v, attn_mask=mask)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(rearrange(attn, "b h n d -> b n (h d)"))
         if cross is not None:
             x = x + cross(x)
@@ -90,14 +100,19 @@ def _key_mask(context_mask, stream_mask, num_context: int | None, x) -> torch.Te
     return torch.cat(parts, dim=1)[:, None, None, :]
 
 
-def naive_block(block: Block, x, context, context_mask):
+def naive_block(block: Block, x, context, context_mask, rope=None):
     """Reference for tests and benchmarks: concatenate [context ; image], run every sub-layer on every
-    token, then drop the context outputs. What `Block.forward` saves."""
+    token, then drop the context outputs. What `Block.forward` saves. `rope` rotates the image rows only."""
     tokens = torch.cat([block.norm_context(context), block.norm_image(x)], dim=1)
     residual = torch.cat([context, x], dim=1)
     q = block.q_norm(rearrange(block.q(tokens), "b l (h d) -> b h l d", h=block.heads))
     k, v = rearrange(block.kv(tokens), "b l (two h d) -> two b h l d", two=2, h=block.heads)
     k = block.k_norm(k)
+    if rope is not None:  # context rows get angle 0: cos 1, sin 0
+        cos, sin = rope
+        rows = (context.shape[1], cos.shape[1])
+        padded = (torch.cat([cos.new_ones(rows), cos]), torch.cat([sin.new_zeros(rows), sin]))
+        q, k = apply_rope(q, padded), apply_rope(k, padded)
     keep = torch.cat([context_mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)], dim=1)
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
     attn = rearrange(attn, "b h l d -> b l (h d)")

@@ -38,3 +38,26 @@ def sincos_2d(height: int, width: int, dim: int, device=None) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     parts = [f(c.reshape(-1, 1).float() * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]
     return torch.cat(parts, dim=1)
+
+
+def rope_2d(height: int, width: int, head_dim: int, leading: int = 0, theta: float = 100.0,
+            device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary positions for a height x width token grid: (cos, sin), each (leading + height*width, head_dim).
+
+    Half the rotated pairs turn with the row, half with the column (axial RoPE, as in Lumina and
+    FLUX), so attention between image tokens depends on their offset. `leading` tokens before the
+    grid (registers, a self-attention text stream) get angle 0: they are not rotated.
+    """
+    quarter = head_dim // 4  # GenerationTower checks head_dim % 4 == 0
+    freqs = theta ** -(torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim / 2)
+    angles = torch.cat([angles.new_zeros(leading, head_dim // 2), angles]).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (..., L, head_dim) by the angles of `rope`: pair i is (x_i, x_{i + head_dim/2})."""
+    cos, sin = (r.to(x.dtype) for r in rope)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..types import Conditioning
 from .blocks import Block
-from .embeddings import TimestepEmbedding, sincos_2d
+from .embeddings import TimestepEmbedding, rope_2d, sincos_2d
 
 
 class GenerationTower(nn.Module):
@@ -25,14 +25,22 @@ class GenerationTower(nn.Module):
         channels: image / latent channels.
         registers: learnable tokens carried with the image stream (App. A uses 4).
         timestep_embedding: add a carried timestep token (off by default, App. A).
+        rope_theta: base of the 2-D rotary positions on image tokens' queries and keys (None: only the
+            additive sin-cos positions). At the embedded budget RoPE turns scattered patches into whole
+            objects (README, "Training recipe").
     """
 
     def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4, channels: int = 3,
-                 mlp_ratio: float = 4.0, registers: int = 4, timestep_embedding: bool = False):
+                 mlp_ratio: float = 4.0, registers: int = 4, timestep_embedding: bool = False,
+                 rope_theta: float | None = 100.0):
         super().__init__()
         if min(width, depth, heads, patch_size, channels) < 1:
             raise ConfigError("generation: width, depth, heads, patch_size and channels must all be >= 1")
+        if rope_theta is not None and (rope_theta <= 1 or (width // heads) % 4):
+            raise ConfigError(f"generation.rope_theta={rope_theta} needs a base > 1 and width / heads "
+                              f"({width}/{heads}) divisible by 4; null turns rotary positions off")
         self.width, self.depth, self.heads, self.patch_size, self.channels = width, depth, heads, patch_size, channels
+        self.rope_theta = rope_theta
         self.patch_embed = nn.Linear(patch_size * patch_size * channels, width)
         self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
         self.timestep = TimestepEmbedding(width) if timestep_embedding else None
@@ -65,6 +73,13 @@ class GenerationTower(nn.Module):
             extra = torch.cat([extra, self.timestep(t)[:, None].to(extra.dtype)], dim=1)
         return extra
 
+    def rotary(self, z: torch.Tensor, leading: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE angles for the carried stream: `leading` unrotated tokens, then the image grid."""
+        if self.rope_theta is None:
+            return None
+        p = self.patch_size
+        return rope_2d(z.shape[-2] // p, z.shape[-1] // p, self.width // self.heads, leading, self.rope_theta, z.device)
+
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning | None,
                 tokens: torch.Tensor | None = None) -> torch.Tensor:
         """z_t: (B, C, H, W), t: (B,) -> velocity (B, C, H, W). `tokens`: patchify(z_t) if already computed."""
@@ -74,8 +89,9 @@ class GenerationTower(nn.Module):
         if conditioning is not None and conditioning.stream is not None:  # self-attention fusion
             x = torch.cat([conditioning.stream.to(x.dtype), x], dim=1)
             stream_mask = torch.cat([conditioning.mask, torch.ones_like(x[:, conditioning.mask.shape[1]:, 0], dtype=torch.bool)], 1)
+        rope = self.rotary(z_t, leading=x.shape[1] - tokens.shape[1])
         for j, block in enumerate(self.blocks):
             inputs = {} if conditioning is None else conditioning.block_inputs(j)
-            x = block(x, stream_mask=stream_mask, **inputs)
+            x = block(x, stream_mask=stream_mask, rope=rope, **inputs)
         x = self.head(self.norm_out(x[:, -tokens.shape[1]:]))  # only image tokens leave the tower
         return self.unpatchify(x, *z_t.shape[-2:])

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..flow import velocity_from_data
 from ..types import Conditioning, TowerGeometry, TowerStates
 from .autoencoder import PixelSpace
 from .fusion import Fusion
@@ -16,11 +18,20 @@ FusionFactory = Callable[[TowerGeometry], Fusion]
 
 
 class TextToImage(nn.Module):
-    """G(z_t, t, R(t, c, z_t, U(c))): only the fusion and the generation tower learn (§3.1)."""
+    """G(z_t, t, R(t, c, z_t, U(c))): only the fusion and the generation tower learn (§3.1).
+
+    `prediction`: what the generation tower's output means. "velocity": v itself (Eq. 1 as written);
+    "data": z0, turned into v by flow.velocity_from_data, so the loss and the sampler are unchanged.
+    """
+
+    PREDICTIONS = ("velocity", "data")
 
     def __init__(self, understanding: UnderstandingTower, generation: GenerationTower, fusion: FusionFactory,
-                 autoencoder: nn.Module | None = None):
+                 autoencoder: nn.Module | None = None, prediction: str = "velocity"):
         super().__init__()
+        if prediction not in self.PREDICTIONS:
+            raise ConfigError(f"model.prediction={prediction!r} is not one of {list(self.PREDICTIONS)}")
+        self.prediction = prediction
         self.understanding, self.generation = understanding, generation
         self.autoencoder = autoencoder or PixelSpace()
         self.geometry = TowerGeometry(understanding.num_layers, understanding.width, generation.depth, generation.width,
@@ -56,7 +67,9 @@ class TextToImage(nn.Module):
         """-> velocity (B, C, H, W) and the conditioning (with the Routing for MoS)."""
         tokens = self.generation.patchify(z_t)  # (B, N, D_g), shared with the router (§3.2)
         conditioning = self.fusion(states, tokens, t)
-        return self.generation(z_t, t, conditioning, tokens=tokens), conditioning
+        output = self.generation(z_t, t, conditioning, tokens=tokens)
+        velocity = output if self.prediction == "velocity" else velocity_from_data(z_t, output, t)
+        return velocity, conditioning
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
