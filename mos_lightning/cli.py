@@ -108,7 +108,8 @@ def select_arms(experiment: dict, arm: str | None) -> dict[str, dict]:
 
 def arm_args(name: str, overrides: dict, experiment: dict) -> list[str]:
     """An arm's settings as command-line overrides, which win over every --config."""
-    args = [f"--{key}={json.dumps(value)}" for key, value in overrides.items()]
+    # strings go raw: jsonargparse keeps the quotes of a JSON string given for a `str` setting
+    args = [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
     return args + [f"--experiment.arm={name}", f"--trainer.logger.init_args.name={experiment['name']}",
                    f"--trainer.logger.init_args.version={name}"]
 
