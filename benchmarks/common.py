@@ -17,3 +17,15 @@ def median_seconds(fn, repeats: int = 10, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_peak(sizes=(512, 1024, 2048)) -> float:
+    """The best bf16 matmul rate over a few square sizes: this CPU's practical peak, so that figures
+    taken on different machines can be compared."""
+    import torch
+
+    rates = []
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        rates.append(2 * n**3 / median_seconds(lambda: a @ b, 10))
+    return max(rates)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import median_seconds
+from common import matmul_peak, median_seconds
 from flops import training_flops
 
 from mos_lightning.cli import MoSCLI
@@ -91,15 +91,6 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
         result["router_s"] = median_seconds(router_step, steps)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
-
-
-def matmul_peak(sizes=(512, 1024, 2048)) -> float:
-    """The best bf16 matmul rate over a few square sizes: this CPU's practical peak."""
-    rates = []
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-        rates.append(2 * n**3 / median_seconds(lambda: a @ b, 10))
-    return max(rates)
 
 
 def table(rows: list[dict], peak: float) -> None:
