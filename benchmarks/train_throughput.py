@@ -4,7 +4,9 @@ python benchmarks/train_throughput.py [experiments/router_inputs.yaml] [--steps 
 
 A step is forward + backward of the flow loss under bf16 autocast (as the Trainer runs it), on a
 batch from the configured DataModule. The router's share is the router's own forward + backward
-on the same inputs, over the step's time.
+on the same inputs, over the step's time. With `model.compile` on (the base config), the same step
+is also timed with compilation switched off (torch.compiler.set_stance("force_eager")), interleaved
+with the compiled one, and the speed-up printed; the first compiled call (the compile) is warm-up.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import median_seconds
+from common import interleaved_medians
 
 from mos_lightning.cli import MoSCLI, arm_args, read_experiment
 from mos_lightning.lit import attention_backends
@@ -27,7 +29,8 @@ def build(config: str, name: str, overrides: dict, experiment: dict):
     return cli.model, next(iter(cli.datamodule.train_dataloader()))
 
 
-def measure(module, batch, steps: int) -> tuple[float, float]:
+def measure(module, batch, steps: int) -> dict:
+    """Median seconds of a training step, of the router's share of it, and (compiled models) of the eager step."""
     model = module.model
     n = len(batch)
     t = torch.rand(n)
@@ -46,7 +49,14 @@ def measure(module, batch, steps: int) -> tuple[float, float]:
             logits = model.fusion.router(states, tokens, t)
         logits.float().sum().backward()
 
-    return median_seconds(step, steps), median_seconds(router, steps)
+    def eager_step():
+        with torch.compiler.set_stance("force_eager"):
+            step()
+
+    fns = {"step": step, "router": router}
+    if any(block._compiled_call_impl is not None for block in model.generation.blocks):
+        fns["eager"] = eager_step
+    return interleaved_medians(fns, steps)
 
 
 def main() -> None:
@@ -56,13 +66,16 @@ def main() -> None:
     args = parser.parse_args()
     experiment = read_experiment(["--config", args.config])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}")
-    print(f"{'arm':<26}{'params':>10}{'step ms':>10}{'samples/s':>11}{'router ms':>11}{'router %':>10}")
+    print(f"{'arm':<26}{'params':>10}{'step ms':>10}{'samples/s':>11}{'router ms':>11}{'router %':>10}"
+          f"{'eager ms':>10}{'compiled':>10}")
     for name, overrides in (experiment["arms"] or {"default": {}}).items():
         module, batch = build(args.config, name, overrides, experiment)
-        step, router = measure(module, batch, args.steps)
+        times = measure(module, batch, args.steps)
+        step, router, eager = times["step"], times["router"], times.get("eager")
         params = module.model.trainable_parameters()
+        compiled = f"{eager * 1e3:>10.1f}{eager / step:>9.2f}x" if eager else f"{'-':>10}{'-':>10}"
         print(f"{name:<26}{params:>10,}{step * 1e3:>10.1f}{len(batch) / step:>11.1f}{router * 1e3:>11.1f}"
-              f"{100 * router / step:>9.1f}%")
+              f"{100 * router / step:>9.1f}%{compiled}")
         sys.stdout.flush()
 
 

@@ -42,6 +42,7 @@ def load_module(run: Path, ckpt_path: Path):
     for key in ("ckpt_path", "weights_only"):  # `fit` arguments, not part of the model
         config.pop(key, None)
     config["trainer"].update(logger=False, callbacks=[])
+    config["model"]["compile"] = False  # a few prompts' sampling does not repay a compile
     cli = MoSCLI(args=config, run=False)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     missing, unexpected = cli.model.load_state_dict(state, strict=False)

@@ -20,7 +20,7 @@ def tiny_overlay(steps: int) -> dict:
                     "enable_model_summary": False, "enable_progress_bar": False},
         "model": {"generation": {"class_path": "mos_lightning.model.generation.GenerationTower",
                                  "init_args": {"width": 32, "depth": 2, "heads": 2}},
-                  "sample_steps": 8, "warmup_steps": 5},
+                  "sample_steps": 8, "warmup_steps": 5, "compile": False},  # a compile would outlast the run
         "data": {"class_path": "mos_lightning.data.ShapesDataModule",
                  "init_args": {"batch_size": 8, "train_size": 64, "val_size": 8}},
     }

@@ -71,5 +71,14 @@ class TextToImage(nn.Module):
         velocity = output if self.prediction == "velocity" else velocity_from_data(z_t, output, t)
         return velocity, conditioning
 
+    def compile_blocks(self) -> None:
+        """Regional torch.compile of the generation tower's blocks: they share one compiled graph (dynamic
+        shapes: any batch, prompt length and image size), so the cold compile is paid once per process, and
+        parameter names do not change. The router stays eager: compiling its layers gained nothing
+        (README, "Training throughput"), and nn.TransformerEncoderLayer's inference fast path fails under
+        compile with autocast."""
+        for block in self.generation.blocks:
+            block.compile(dynamic=True)
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
