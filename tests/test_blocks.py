@@ -88,4 +88,3 @@ def test_rope_settings_are_checked():
     with pytest.raises(ConfigError, match="rope_theta"):
         GenerationTower(width=32, depth=1, heads=2, rope_theta=1.0)
     GenerationTower(width=24, depth=1, heads=4, rope_theta=None)  # absolute positions only: any head dim
-
