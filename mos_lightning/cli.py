@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
@@ -130,6 +131,9 @@ def run_fit(args: list[str]) -> list[dict]:
     rows = []
     for name, overrides in arms.items():
         print(f"\n=== {experiment['name']}: arm {name} ===", file=sys.stderr)
+        # model.compile: each arm compiles as if it ran alone (inductor's disk cache keeps repeats cheap), and
+        # arms of different strategies do not add up to torch.compile's recompile limit on the block
+        torch.compiler.reset()
         try:
             cli = MoSCLI(args=["fit", *with_arm(args, arm_args(name, overrides, experiment))])
         except SystemExit as stop:
