@@ -66,6 +66,7 @@ class MoSModule(L.LightningModule):
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
                                  fusion or MoSFusion, autoencoder, prediction)
+        self.compile = compile
         if compile:
             self.model.compile_blocks()
         self.timesteps = timesteps or LogitNormal()
@@ -73,6 +74,10 @@ class MoSModule(L.LightningModule):
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
         self.warmup_steps, self.val_timesteps = warmup_steps, tuple(val_timesteps)
         self.sample_steps, self.cfg_scale, self.sample_shift = sample_steps, cfg_scale, sample_shift
+
+    def setup(self, stage: str) -> None:
+        if self.compile:
+            check_compiler(self.trainer.strategy.root_device)
 
     def loss(self, batch: Batch, t: torch.Tensor, drop: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -137,6 +142,20 @@ class MoSModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++ kernels: find the compiler inductor would use (CXX, else g++ or clang++)
+    before the first step, rather than failing inside it."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # inductor's InvalidCxxCompiler, or whatever its search raises
+        raise ConfigError(f"model.compile=true on CPU needs a C++ compiler for torch.compile, and none was found "
+                          f"({type(err).__name__}); install g++ or set --model.compile=false") from None
 
 
 def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], float]:

@@ -3,6 +3,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mos_lightning.cli import MoSCLI, arm_args, cli_main, read_experiment
@@ -109,3 +110,25 @@ def test_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra, mes
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt")), "nothing may train on a bad config"
+
+
+def test_compile_without_a_cpp_compiler_is_a_config_error(tmp_path, capsys, monkeypatch):
+    """model.compile on CPU with no C++ compiler: a clear error before the first step, not an inductor trace."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config", TINY,
+                  "--arm", "prompt", "--model.compile=true", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.compile=true" in err and "C++ compiler" in err and "--model.compile=false" in err
+    monkeypatch.undo()
+    from mos_lightning.lit import check_compiler
+
+    check_compiler(torch.device("cpu"))  # this machine has one: no error
+    torch.compiler.reset()
