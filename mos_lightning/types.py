@@ -92,7 +92,7 @@ class Conditioning:
     def block_inputs(self, j: int) -> dict:
         """Keyword arguments for generation block j."""
         in_context = self.context is not None or self.context_kv is not None
-        return {"context": None if self.context is None else self.context[:, j].contiguous(),  # one layout: one compile
+        return {"context": None if self.context is None else self.context[:, j],
                 "context_kv": None if self.context_kv is None else self.context_kv[:, j].unbind(1),
                 "context_mask": self.mask if in_context else None,
                 "cross": None if self.cross is None else self.cross[j]}
