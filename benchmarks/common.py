@@ -9,14 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def median_seconds(fn, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_medians(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:

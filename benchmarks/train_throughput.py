@@ -54,7 +54,7 @@ def measure(module, batch, steps: int) -> dict:
             step()
 
     fns = {"step": step, "router": router}
-    if any(block._compiled_call_impl is not None for block in model.generation.blocks):
+    if module.hparams.compile:
         fns["eager"] = eager_step
     return interleaved_medians(fns, steps)
 

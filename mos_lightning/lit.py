@@ -67,8 +67,7 @@ class MoSModule(L.LightningModule):
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
                                  fusion or MoSFusion, autoencoder, prediction)
-        self.compile = compile
-        if compile:
+        if compile:  # kept in hparams only: an attribute would shadow nn.Module.compile
             self.model.compile_blocks()
         self.timesteps = timesteps or LogitNormal()
         self.caption_dropout = caption_dropout
@@ -77,7 +76,7 @@ class MoSModule(L.LightningModule):
         self.sample_steps, self.cfg_scale, self.sample_shift = sample_steps, cfg_scale, sample_shift
 
     def setup(self, stage: str) -> None:
-        if self.compile:
+        if self.hparams.compile:
             check_compiler(self.trainer.strategy.root_device)
 
     def loss(self, batch: Batch, t: torch.Tensor, drop: torch.Tensor | None = None,

@@ -104,6 +104,10 @@ BAD = [
 
 @pytest.mark.parametrize("extra, message", BAD, ids=[b[1][:24] for b in BAD])
 def test_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra, message):
+    assert_clear_error(tmp_path, capsys, extra, message)
+
+
+def assert_clear_error(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as stop:
         fit(tmp_path, "--arm", "prompt", *extra)
     assert stop.value.code == 2
@@ -121,14 +125,10 @@ def test_compile_without_a_cpp_compiler_is_a_config_error(tmp_path, capsys, monk
         raise InvalidCxxCompiler()
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    with pytest.raises(SystemExit) as stop:
-        cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config", TINY,
-                  "--arm", "prompt", "--model.compile=true", f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "model.compile=true" in err and "C++ compiler" in err and "--model.compile=false" in err
+    assert_clear_error(tmp_path, capsys, ["--model.compile=true"],
+                       "model.compile=true on CPU needs a C++ compiler for torch.compile, and none was found "
+                       "(InvalidCxxCompiler); install g++ or set --model.compile=false")
     monkeypatch.undo()
     from mos_lightning.lit import check_compiler
 
     check_compiler(torch.device("cpu"))  # this machine has one: no error
-    torch.compiler.reset()

@@ -4,7 +4,7 @@ import torch
 
 from mos_lightning.errors import ConfigError
 from mos_lightning.flow import flow_loss, interpolate, velocity_target
-from mos_lightning.model.fusion import MoSFusion
+from mos_lightning.model.fusion import CrossAttentionFusion, KeyValueMoSFusion, MoSFusion, SelfAttentionFusion
 from mos_lightning.model.generation import GenerationTower
 from mos_lightning.model.text_to_image import TextToImage
 from mos_lightning.model.understanding import UnderstandingTower
@@ -139,7 +139,7 @@ def _assert_same_training_step(eager, compiled, rng, size):
     (loss_e, grads_e), (loss_c, grads_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     assert [g is None for g in grads_c] == [g is None for g in grads_e]
-    grads = [(g_c, g_e) for g_c, g_e in zip(grads_c, grads_e) if g_e is not None]  # unused: the null context...
+    grads = [(g_c, g_e) for g_c, g_e in zip(grads_c, grads_e) if g_e is not None]  # a path's unused weights have none
     used = [p for block in eager.generation.blocks for p in (block.q.weight, block.kv.weight, block.ffn.down.weight)]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)  # the compiled region is compared
     for g_c, g_e in grads:
@@ -148,8 +148,7 @@ def _assert_same_training_step(eager, compiled, rng, size):
 
 def test_compiled_blocks_equal_eager(minilm, rng):
     """compile_blocks (regional torch.compile, dynamic shapes) computes the eager model's loss and gradients
-    at two image sizes that one compiled graph serves; and in eval under inference mode and bf16 autocast,
-    as validation runs it."""
+    at two image sizes; and in eval under inference mode and bf16 autocast, as validation runs it."""
     eager, compiled = _perturbed_pair(minilm, MoSFusion, rng)
     for size in ((16, 16), (16, 24)):
         _assert_same_training_step(eager, compiled, rng, size)
@@ -161,13 +160,12 @@ def test_compiled_blocks_equal_eager(minilm, rng):
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-3)  # bf16 rounding differs when fused
 
 
-@pytest.mark.parametrize("fusion", ["CrossAttentionFusion", "SelfAttentionFusion", "KeyValueMoSFusion"])
+@pytest.mark.parametrize("fusion", [CrossAttentionFusion, SelfAttentionFusion, KeyValueMoSFusion],
+                         ids=lambda f: f.__name__)
 def test_compiled_blocks_equal_eager_for_the_rival_paths(minilm, rng, fusion):
     """The block's other inputs under compile: a cross-attention sub-layer, a carried prompt stream, and
     ready keys/values (the path MoT takes too)."""
-    from mos_lightning.model import fusion as fusions
-
-    eager, compiled = _perturbed_pair(minilm, getattr(fusions, fusion), rng)
+    eager, compiled = _perturbed_pair(minilm, fusion, rng)
     try:
         _assert_same_training_step(eager, compiled, rng, (16, 24))
     finally:

@@ -72,9 +72,10 @@ class TextToImage(nn.Module):
         return velocity, conditioning
 
     def compile_blocks(self) -> None:
-        """Regional torch.compile of the generation tower's blocks: they share one compiled graph (dynamic
-        shapes: any batch, prompt length and image size), so the cold compile is paid once per process, and
-        parameter names do not change. The router stays eager: compiling its layers gained nothing
+        """Regional torch.compile of the generation tower's blocks: they share one compiled graph per mode
+        (training, no-grad with and without autocast; dynamic shapes: any batch, prompt length and image
+        size), so the cold compile is paid once per process, whatever the depth. Parameter names do not
+        change. The router stays eager: compiling its layers gained nothing
         (README, "Training throughput"), and nn.TransformerEncoderLayer's inference fast path fails under
         compile with autocast."""
         for block in self.generation.blocks:
