@@ -45,7 +45,7 @@ class MoSModule(L.LightningModule):
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
-        compile: torch.compile the generation tower's blocks (TextToImage.compile_blocks). About 100 s of
+        compile: torch.compile the generation tower's blocks and the MoS router (TextToImage.compile_regions). About 100 s of
             cold compile on 2 CPU cores (training, validation and sampling graphs), cached on disk by
             inductor for later runs; then a training step is about 1.45x faster (README, "Training
             throughput"). Needs a C++ compiler on CPU (checked in `setup`).
@@ -68,7 +68,7 @@ class MoSModule(L.LightningModule):
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
                                  fusion or MoSFusion, autoencoder, prediction)
         if compile:  # kept in hparams only: an attribute would shadow nn.Module.compile
-            self.model.compile_blocks()
+            self.model.compile_regions()
         self.timesteps = timesteps or LogitNormal()
         self.caption_dropout = caption_dropout
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)

@@ -4,7 +4,8 @@ import torch
 
 from mos_lightning.errors import ConfigError
 from mos_lightning.flow import flow_loss, interpolate, velocity_target
-from mos_lightning.model.fusion import CrossAttentionFusion, KeyValueMoSFusion, MoSFusion, SelfAttentionFusion
+from mos_lightning.model.fusion import (CrossAttentionFusion, KeyValueMoSFusion, MoSFusion, SampleWiseMoSFusion,
+                                        SelfAttentionFusion)
 from mos_lightning.model.generation import GenerationTower
 from mos_lightning.model.text_to_image import TextToImage
 from mos_lightning.model.understanding import UnderstandingTower
@@ -120,9 +121,10 @@ def _perturbed_pair(minilm, fusion, rng):
         if p.requires_grad:
             p.data.add_(0.1 * torch.randn(p.shape, generator=rng))
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks()  # parameter names (and so checkpoints) do not change
+    compiled.compile_regions()  # parameter names (and so checkpoints) do not change
     assert set(compiled.state_dict()) == set(eager.state_dict())
-    assert all(block._compiled_call_impl is not None for block in compiled.generation.blocks)
+    regions = [*compiled.generation.blocks, *compiled.fusion.compiled_regions()]
+    assert all(region._compiled_call_impl is not None for region in regions)
     return eager, compiled
 
 
@@ -147,7 +149,7 @@ def _assert_same_training_step(eager, compiled, rng, size):
 
 
 def test_compiled_blocks_equal_eager(minilm, rng):
-    """compile_blocks (regional torch.compile, dynamic shapes) computes the eager model's loss and gradients
+    """compile_regions (regional torch.compile, dynamic shapes) computes the eager model's loss and gradients
     at two image sizes; and in eval under inference mode and bf16 autocast, as validation runs it."""
     eager, compiled = _perturbed_pair(minilm, MoSFusion, rng)
     for size in ((16, 16), (16, 24)):
@@ -160,11 +162,11 @@ def test_compiled_blocks_equal_eager(minilm, rng):
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=1e-3)  # bf16 rounding differs when fused
 
 
-@pytest.mark.parametrize("fusion", [CrossAttentionFusion, SelfAttentionFusion, KeyValueMoSFusion],
+@pytest.mark.parametrize("fusion", [CrossAttentionFusion, SelfAttentionFusion, KeyValueMoSFusion, SampleWiseMoSFusion],
                          ids=lambda f: f.__name__)
 def test_compiled_blocks_equal_eager_for_the_rival_paths(minilm, rng, fusion):
     """The block's other inputs under compile: a cross-attention sub-layer, a carried prompt stream, and
-    ready keys/values (the path MoT takes too)."""
+    ready keys/values (the path MoT takes too); and the sample-wise router's [CLS] path."""
     eager, compiled = _perturbed_pair(minilm, fusion, rng)
     try:
         _assert_same_training_step(eager, compiled, rng, (16, 24))

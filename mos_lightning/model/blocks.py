@@ -36,15 +36,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """One generation-tower block (App. A: QK-norm, modality-specific norms, registers upstream)."""
+    """One generation-tower block (App. A: QK-norm, modality-specific norms, registers upstream).
+    `context=False` builds it for self-attention only (the router's blocks): no norm for context tokens."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context: bool = True):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"generation.width ({dim}) must be divisible by generation.heads ({heads})")
         self.heads = heads
         self.norm_image = nn.RMSNorm(dim)
-        self.norm_context = nn.RMSNorm(dim)  # modality-specific norm for the routed states
+        self.norm_context = nn.RMSNorm(dim) if context else None  # modality-specific norm for the routed states
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.q_norm = nn.RMSNorm(dim // heads)

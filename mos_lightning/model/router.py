@@ -3,7 +3,8 @@
 Inputs (each tokenised, given its own RMSNorm, then concatenated): the prompt (the tower's input
 embeddings through a linear), the noisy latent (the generation tower's own patchify, then a
 linear) and the timestep (sinusoidal, then an MLP). Two bidirectional transformer blocks; a
-linear head maps every context token to an m x n logit matrix (token-wise prediction).
+linear head maps every context token to an m x n logit matrix (token-wise prediction). The blocks are
+the house `Block` (pre-norm, QK-norm, SwiGLU) with self-attention only: no context, no positions.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..types import Routing, TowerGeometry, TowerStates
+from .blocks import Block
 from .embeddings import TimestepEmbedding
 
 ROUTER_INPUTS = ("prompt", "latent", "timestep")
@@ -71,9 +73,8 @@ class MoSRouter(nn.Module):
         self.norms = nn.ModuleDict({name: nn.RMSNorm(width) if modality_norms else shared for name in self.inputs})
         self.latent = nn.Linear(geometry.generation_width, width) if "latent" in self.inputs else None
         self.timestep = TimestepEmbedding(width) if "timestep" in self.inputs else None
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(Block(width, heads, context=False) for _ in range(depth))  # bidirectional self-attention
+        self.norm_out = nn.RMSNorm(width)
         self.head = nn.Linear(width, self.m * self.n)
 
     def tokens(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +88,16 @@ class MoSRouter(nn.Module):
             keep.append(torch.ones(t.shape[0], 1, dtype=torch.bool, device=t.device))
         return torch.cat(seq, dim=1), ~torch.cat(keep, dim=1)
 
+    def encode(self, seq: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+        """The router's blocks over the whole sequence; padded tokens are never attended. -> (B, S, W)."""
+        for block in self.blocks:
+            seq = block(seq, stream_mask=~ignore)
+        return self.norm_out(seq)
+
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """-> logits (B, L, m, n): each context token predicts its own matrix (token-wise, Table 2)."""
         seq, ignore = self.tokens(states, latent, t)
-        h = self.blocks(seq, src_key_padding_mask=ignore)[:, : states.mask.shape[1]]
+        h = self.encode(seq, ignore)[:, : states.mask.shape[1]]
         return self.head(h).unflatten(-1, (self.m, self.n))
 
 
@@ -105,7 +112,7 @@ class SampleWiseRouter(MoSRouter):
         seq, ignore = self.tokens(states, latent, t)
         cls = self.cls.to(seq.dtype).expand(seq.shape[0], 1, -1)
         keep = torch.zeros_like(ignore[:, :1])
-        h = self.blocks(torch.cat([cls, seq], 1), src_key_padding_mask=torch.cat([keep, ignore], 1))[:, 0]
+        h = self.encode(torch.cat([cls, seq], 1), torch.cat([keep, ignore], 1))[:, 0]
         logits = self.head(h).unflatten(-1, (self.m, self.n))  # (B, m, n)
         return logits[:, None].expand(-1, states.mask.shape[1], -1, -1)  # shared by every token
 

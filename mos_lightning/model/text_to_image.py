@@ -71,15 +71,17 @@ class TextToImage(nn.Module):
         velocity = output if self.prediction == "velocity" else velocity_from_data(z_t, output, t)
         return velocity, conditioning
 
-    def compile_blocks(self) -> None:
-        """Regional torch.compile of the generation tower's blocks: they share one compiled graph per mode
-        (training, no-grad with and without autocast; dynamic shapes: any batch, prompt length and image
-        size), so the cold compile is paid once per process, whatever the depth. Parameter names do not
-        change. The router stays eager: compiling its layers gained nothing
-        (README, "Training throughput"), and nn.TransformerEncoderLayer's inference fast path fails under
-        compile with autocast."""
-        for block in self.generation.blocks:
-            block.compile(dynamic=True)
+    def compile_regions(self) -> None:
+        """Regional torch.compile: every generation block (they share one compiled graph per mode: training,
+        no-grad with and without autocast) and the fusion's own trainable regions (the MoS router). Dynamic
+        shapes: any batch, prompt length and image size; the cold compile is paid once per process, whatever
+        the depth. Parameter names, and so checkpoints, do not change.
+
+        Inductor's pattern matcher is off for these regions: on CPU it rewrites the traced attention of the
+        router's blocks into the flash kernel, whose backward made the compiled router slower than eager
+        (README, "Training throughput")."""
+        for region in (*self.generation.blocks, *self.fusion.compiled_regions()):
+            region.compile(dynamic=True, options={"pattern_matcher": False})
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -27,6 +27,10 @@ class Fusion(nn.Module):
         """states: frozen tower output; latent: (B, N, D_g) patchified z_t; t: (B,)."""
         raise NotImplementedError
 
+    def compiled_regions(self) -> list[nn.Module]:
+        """Modules that `model.compile` compiles on their own (TextToImage.compile_regions); none by default."""
+        return []
+
 
 class LayerProjections(nn.Module):
     """Proj_j (§3.3): one linear map D_u -> D_g per generation layer j."""

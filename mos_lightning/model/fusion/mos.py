@@ -48,6 +48,9 @@ class MoSFusion(Fusion):
     def projection_widths(self, geometry: TowerGeometry) -> tuple[int, int]:
         return geometry.understanding_width, geometry.generation_width
 
+    def compiled_regions(self) -> list[torch.nn.Module]:
+        return [self.router]
+
     def route(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Routing:
         logits = self.router(states, latent, t)  # (B, L, m, n)
         weights = routing_weights(logits)
