@@ -23,7 +23,6 @@ from common import matmul_peak, median_seconds
 from flops import training_flops
 
 from mos_lightning.cli import MoSCLI
-from mos_lightning.lit import attention_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSION = "mos_lightning.model.fusion."
@@ -74,7 +73,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
     def sample_step():
         small = type(states)(states.hidden[:8], states.mask[:8],
                              None if states.keys_values is None else states.keys_values[:8])
-        with torch.autocast("cpu", dtype=torch.bfloat16), attention_backends(z.device):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             model(z, t[:8], small)
 
     result = {"strategy": strategy, "size": size, "params": model.trainable_parameters(),
@@ -85,7 +84,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
         tokens = model.generation.patchify(data.images).detach()
 
         def router_step():
-            with torch.autocast("cpu", dtype=torch.bfloat16), attention_backends(tokens.device):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 router(states, tokens, t).float().sum().backward()
 
         result["router_s"] = median_seconds(router_step, steps)

@@ -18,7 +18,6 @@ import torch
 from common import interleaved_medians
 
 from mos_lightning.cli import MoSCLI, arm_args, read_experiment
-from mos_lightning.lit import attention_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,7 @@ def measure(module, batch, steps: int) -> dict:
     tokens = model.generation.patchify(batch.images).detach()
 
     def router():
-        with torch.autocast("cpu", dtype=torch.bfloat16), attention_backends(tokens.device):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model.fusion.router(states, tokens, t)
         logits.float().sum().backward()
 

@@ -1,7 +1,6 @@
 """The LightningModule: connects the plain model to flow matching, optimisation and logging."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Callable, Sequence
@@ -9,7 +8,6 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data.buckets import mix_seed
 from .errors import ConfigError
@@ -22,14 +20,6 @@ from .sampling import generate
 from .types import Batch
 
 NO_DECAY = ("registers", "null_context", "null_keys_values", "cls")  # embeddings: no weight decay (App. A recipe)
-
-
-def attention_backends(device: torch.device):
-    """On CPU the math SDPA kernel beats the flash kernel's backward for our short sequences
-    (benchmarks/train_throughput.py: about 1.4x per bf16 training step); elsewhere, torch decides."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class MoSModule(L.LightningModule):
@@ -85,8 +75,7 @@ class MoSModule(L.LightningModule):
         z0 = self.model.autoencoder.encode(batch.images)
         noise = torch.randn(z0.shape, generator=generator, device="cpu" if generator is not None else z0.device).to(z0)
         states = self.model.states(batch.captions, drop)
-        with attention_backends(z0.device):
-            velocity, _ = self.model(interpolate(z0, noise, t), t, states)
+        velocity, _ = self.model(interpolate(z0, noise, t), t, states)
         return flow_loss(velocity, velocity_target(z0, noise))
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
@@ -119,10 +108,9 @@ class MoSModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            with attention_backends(self.device):
-                return generate(self.model, captions, image_size, steps or self.sample_steps,
-                                self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings,
-                                on_step=on_step)
+            return generate(self.model, captions, image_size, steps or self.sample_steps,
+                            self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings,
+                            on_step=on_step)
         finally:
             self.train(was_training)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mos_lightning.errors import ConfigError
-from mos_lightning.model.blocks import Block, naive_block
+from mos_lightning.model.blocks import Block, attention, naive_block
 from mos_lightning.model.embeddings import apply_rope, rope_2d
 from mos_lightning.model.generation import GenerationTower
 
@@ -20,6 +20,18 @@ def test_optimised_block_equals_naive(rng):
     mask[1, 3:] = False
     mask[2, 1:] = False
     torch.testing.assert_close(block(x, context, mask), naive_block(block, x, context, mask), rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_attention_against_float64_sdpa(rng):
+    """The written-out CPU attention, on bf16 inputs as under autocast, against torch's SDPA in float64."""
+    q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64, generator=rng) for n in (7, 11, 11))
+    mask = torch.rand(2, 1, 1, 11, generator=rng) > 0.4
+    mask[..., 0] = True  # every query has a key
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=1e-10, atol=1e-10)
+    low = attention(*(x.bfloat16() for x in (q, k, v)), mask)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), expected, rtol=0.05, atol=0.05)
 
 
 def test_padded_context_is_ignored(rng):

@@ -93,6 +93,20 @@ def test_sample_wise_router_shares_one_matrix(rng):
     assert not torch.allclose(token_wise, token_wise[:, :1].expand_as(token_wise))
 
 
+@pytest.mark.parametrize("fusion", [MoSFusion, SampleWiseMoSFusion], ids=lambda f: f.__name__)
+def test_router_ignores_padded_prompt_tokens(rng, fusion):
+    """The router's blocks never attend to padding: changing padded positions changes no real token's logits."""
+    router = fusion(TowerGeometry(M, DU, N, DG)).eval().router
+    states, latent, t = _states(rng), torch.randn(3, 16, DG, generator=rng), torch.rand(3, generator=rng)
+    changed = states.hidden.clone()
+    changed[1, :, 4:] = 10 * torch.randn(M, 2, DU, generator=rng)
+    before, after = router(states, latent, t), router(TowerStates(hidden=changed, mask=states.mask), latent, t)
+    keep = states.mask[:, :, None, None].expand_as(before)
+    torch.testing.assert_close(after[keep], before[keep])
+    changed[1, :, :4] = torch.randn(M, 4, DU, generator=rng)  # real tokens do matter
+    assert not torch.allclose(router(TowerStates(hidden=changed, mask=states.mask), latent, t)[1], before[1])
+
+
 def test_router_norm_shared_or_per_modality():
     geometry = TowerGeometry(M, DU, N, DG)
     shared = MoSFusion(geometry, modality_norms=False).router.norms

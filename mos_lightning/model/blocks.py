@@ -24,6 +24,20 @@ from torch import nn
 from .embeddings import apply_rope
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), keys where `mask` is False left out) v; q (B, H, N, d), k and v (B, H, S, d),
+    mask (B, 1, 1, S) bool. On CPU it is written out, with the softmax in (at least) float32: torch's math SDPA kernel
+    computes bf16 inputs in float32 throughout and its flash kernel's backward is slower still, at our
+    short sequences (README, "Training throughput"). Elsewhere the fused kernels."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -82,7 +96,7 @@ class Block(nn.Module):
         if context_kv is not None:
             k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
         mask = _key_mask(context_mask, stream_mask, None if context_kv is None else context_kv[0].shape[2], x)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = attention(q, k, v, mask)
         x = x + self.out(rearrange(attn, "b h n d -> b n (h d)"))
         if cross is not None:
             x = x + cross(x)

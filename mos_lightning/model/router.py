@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..types import Routing, TowerGeometry, TowerStates
+from ..types import TowerGeometry, TowerStates
 from .blocks import Block
 from .embeddings import TimestepEmbedding
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ...types import Conditioning, TowerGeometry, TowerStates
+from ..blocks import attention
 from .base import Fusion, understanding_layer
 
 
@@ -26,7 +26,7 @@ class CrossAttention(nn.Module):
         """x: (B, N, D), context: (B, L, D), mask: (B, L) -> residual update (B, N, D)."""
         q = self.q_norm(rearrange(self.q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads))
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
-        attn = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=mask[:, None, None, :])
+        attn = attention(q, self.k_norm(k), v, mask[:, None, None, :])
         return self.out(rearrange(attn, "b h n d -> b n (h d)"))
 
 
