@@ -37,9 +37,10 @@ class RouterFigures(L.Callback):
         self._routes: bool | None = None  # unknown until one forward shows whether the fusion routes
 
     def routes(self, pl_module, image_size) -> bool:
-        """Whether the module returns a Routing; one single-step sample of one prompt tells, once."""
+        """Whether the module returns a Routing; one single-step sample of the prompts tells, once. (All of them:
+        a batch of one would add a compiled graph of its own under `model.compile`.)"""
         if self._routes is None:
-            self._routes = trace(pl_module, self.prompts[:1], image_size, self.seed, steps=1).routes
+            self._routes = trace(pl_module, self.prompts, image_size, self.seed, steps=1).routes
         return self._routes
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import lightning as L
@@ -104,13 +105,19 @@ class MoSModule(L.LightningModule):
 
     def generate(self, captions: list[str], image_size: tuple[int, int], seed: int = 0, routings: list | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, on_step=None) -> torch.Tensor:
-        """Images in [-1, 1], in eval mode (eps = 0); `routings` and `on_step` as in sampling.generate."""
+        """Images in [-1, 1], in eval mode (eps = 0); `routings` and `on_step` as in sampling.generate.
+
+        Under a trainer, sampling runs as validation inside `fit` does: no grad, the trainer's precision (bf16
+        autocast by default), so with `model.compile` it reuses validation's compiled graphs rather than
+        adding float32 ones. Without a trainer (`sample`, notebooks) it runs in the weights' dtype."""
         was_training = self.training
         self.eval()
+        precision = self._trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
         try:
-            return generate(self.model, captions, image_size, steps or self.sample_steps,
-                            self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings,
-                            on_step=on_step)
+            with precision:
+                return generate(self.model, captions, image_size, steps or self.sample_steps,
+                                self.cfg_scale if cfg_scale is None else cfg_scale, self.sample_shift, seed, routings,
+                                on_step=on_step)
         finally:
             self.train(was_training)
 

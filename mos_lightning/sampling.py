@@ -34,7 +34,7 @@ def euler(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.
     ts = timestep_schedule(steps, shift, noise.device)
     z = noise
     for i in range(steps):
-        t = ts[i].expand(z.shape[0])
+        t = ts[i].repeat(z.shape[0])  # not a stride-0 view: compiled graphs see the t that validation passes
         z = z + (ts[i + 1] - ts[i]) * velocity(z, t)
         if on_step is not None:
             on_step(i, z)

@@ -100,6 +100,28 @@ def test_sampler_is_deterministic_given_seed(minilm):
     assert len(routings) == 3 and routings[0].weights.shape[-2:] == (7, 2)
 
 
+@pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
+def test_sampling_under_a_trainer_uses_its_precision(minilm, precision, autocast):
+    """Callbacks sample as validation runs (no grad, the trainer's autocast); without a trainer, no autocast."""
+    import lightning as L
+
+    from mos_lightning.lit import MoSModule
+    from mos_lightning.model.generation import GenerationTower
+
+    module = MoSModule(understanding=minilm, generation=GenerationTower(width=32, depth=1, heads=2, patch_size=4))
+    seen = []
+    module.model.generation.register_forward_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled())))
+    module.generate(["a red circle"], (16, 16), steps=1, cfg_scale=1.0)
+    assert seen == [(False, False)]
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    seen.clear()
+    module.generate(["a red circle", "two blue squares"], (16, 16), steps=2, cfg_scale=1.0)
+    assert seen == [(autocast, False)] * 2
+
+
 def test_velocity_from_a_data_prediction(rng):
     """The true z0 gives back the true velocity z1 - z0 (t >= t_min); below t_min the division uses t_min."""
     z0, z1 = (torch.randn(5, 3, 8, 8, generator=rng, dtype=torch.float64) for _ in range(2))

@@ -41,8 +41,10 @@ class LayerProjections(nn.Module):
         self.bias = nn.Parameter(torch.zeros(layers, d_out))
 
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
-        """(B, n, L, D_u) -> (B, n, L, D_g)."""
-        return torch.einsum("bnld,nde->bnle", mixed.to(self.weight.dtype), self.weight) + self.bias[None, :, None]
+        """(B, n, L, D_u) -> (B, n, L, D_g), contiguous: einsum's output layout varies with the mode, and each
+        layout of block j's context would be a compiled graph of its own under `model.compile`."""
+        out = torch.einsum("bnld,nde->bnle", mixed.to(self.weight.dtype), self.weight) + self.bias[None, :, None]
+        return out.contiguous()
 
 
 def understanding_layer(index: int, geometry: TowerGeometry, setting: str) -> int:
