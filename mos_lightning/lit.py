@@ -36,9 +36,9 @@ class MoSModule(L.LightningModule):
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
-        compile: torch.compile the generation tower's blocks and the MoS router (TextToImage.compile_regions). About 100 s of
-            cold compile on 2 CPU cores (training, validation and sampling graphs), cached on disk by
-            inductor for later runs; then a training step is about 1.45x faster (README, "Training
+        compile: torch.compile the generation tower's blocks and the MoS router (TextToImage.compile_regions).
+            A cold compile on 2 CPU cores (a training and a no-grad graph per region), cached on disk by
+            inductor for later runs; then a training step is about 1.4-1.6x faster (README, "Training
             throughput"). Needs a C++ compiler on CPU (checked in `setup`).
     """
 

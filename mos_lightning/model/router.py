@@ -73,7 +73,7 @@ class MoSRouter(nn.Module):
         self.norms = nn.ModuleDict({name: nn.RMSNorm(width) if modality_norms else shared for name in self.inputs})
         self.latent = nn.Linear(geometry.generation_width, width) if "latent" in self.inputs else None
         self.timestep = TimestepEmbedding(width) if "timestep" in self.inputs else None
-        self.blocks = nn.ModuleList(Block(width, heads, context=False) for _ in range(depth))  # bidirectional self-attention
+        self.blocks = nn.ModuleList(Block(width, heads, context=False) for _ in range(depth))  # bidirectional
         self.norm_out = nn.RMSNorm(width)
         self.head = nn.Linear(width, self.m * self.n)
 

@@ -72,10 +72,10 @@ class TextToImage(nn.Module):
         return velocity, conditioning
 
     def compile_regions(self) -> None:
-        """Regional torch.compile: every generation block (they share one compiled graph per mode: training,
-        no-grad with and without autocast) and the fusion's own trainable regions (the MoS router). Dynamic
-        shapes: any batch, prompt length and image size; the cold compile is paid once per process, whatever
-        the depth. Parameter names, and so checkpoints, do not change.
+        """Regional torch.compile: every generation block (they share one compiled graph per mode: training and
+        no-grad, as validation and the callbacks' sampling run) and the fusion's own trainable regions (the MoS
+        router). Dynamic shapes: any batch, prompt length and image size; the cold compile is paid once per
+        process, whatever the depth. Parameter names, and so checkpoints, do not change.
 
         Inductor's pattern matcher is off for these regions: on CPU it rewrites the traced attention of the
         router's blocks into the flash kernel, whose backward made the compiled router slower than eager
