@@ -78,7 +78,10 @@ class GenerationTower(nn.Module):
         if self.rope_theta is None:
             return None
         p = self.patch_size
-        return rope_2d(z.shape[-2] // p, z.shape[-1] // p, self.width // self.heads, leading, self.rope_theta, z.device)
+        rope = rope_2d(z.shape[-2] // p, z.shape[-1] // p, self.width // self.heads, leading, self.rope_theta, z.device)
+        for table in rope:  # head_dim is fixed by the weights. A dynamic one would be "duck-sized" into the same
+            torch._dynamo.mark_static(table, 1)  # symbol as an equal batch size and pin it (model.compile)
+        return rope
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning | None,
                 tokens: torch.Tensor | None = None) -> torch.Tensor:

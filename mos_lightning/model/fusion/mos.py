@@ -49,7 +49,9 @@ class MoSFusion(Fusion):
         return geometry.understanding_width, geometry.generation_width
 
     def compiled_regions(self) -> list[torch.nn.Module]:
-        return [self.router]
+        """The router's blocks, not the whole router: a block's graph is the same whatever the router sees (only
+        its sequence length differs, and that is dynamic), so every arm of Table 1 reuses one cold compile."""
+        return list(self.router.blocks)
 
     def route(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Routing:
         logits = self.router(states, latent, t)  # (B, L, m, n)
