@@ -1,4 +1,6 @@
 """Asymmetric towers, gradient flow, frozen understanding tower, decoder towers, bad settings."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -173,3 +175,43 @@ def test_compiled_blocks_equal_eager_for_the_rival_paths(minilm, rng, fusion):
         _assert_same_training_step(eager, compiled, rng, (16, 24))
     finally:
         minilm.capture_keys_values = False  # the session's shared tower: K/V fusions switch capture on
+
+
+def test_compiled_graphs_serve_every_batch_size_and_router_input(minilm, rng):
+    """One compiled graph per mode, whatever comes later: a batch equal to the head dim (8) first, then another
+    batch and image size; then a second model whose router sees other inputs (another arm of Table 1) reuses
+    the router blocks' graph. Any recompile raises."""
+    torch.compiler.reset()
+    torch.manual_seed(rng.initial_seed() % 2**31)
+    captions = ["a red circle and a blue square", "three green triangles", "a cross"] * 3
+
+    def build(inputs):
+        model = TextToImage(minilm, GenerationTower(width=32, depth=2, heads=4), partial(MoSFusion, inputs=inputs))
+        model.compile_regions()
+        return model.eval()
+
+    def forward(model, batch, size):
+        z, t = torch.randn(batch, 3, *size, generator=rng), torch.rand(batch, generator=rng)
+        with torch.no_grad():
+            return model(z, t, model.states(captions[:batch]))[0]
+
+    model = build(["prompt"])
+    forward(model, 8, (16, 16))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        forward(model, 3, (16, 24))
+        forward(build(["prompt", "latent", "timestep"]), 5, (16, 16))
+
+
+def test_towers_of_one_identity_share_their_memo(rng):
+    """The arms of an ablation share the tower's memo: a second tower with the same identity finds the first's
+    states (equal to encoding directly); a tower with other layers or another dtype does not."""
+    caption = f"a red circle {int(torch.randint(10**6, (1,), generator=rng))}"  # not memoised by earlier tests
+    first = UnderstandingTower(dtype="float32", memo_size=4)
+    first([caption])
+    second = UnderstandingTower(dtype="float32", memo_size=4)
+    assert caption in second._memo
+    direct, memo = second.encode([caption]), second([caption])
+    torch.testing.assert_close(memo.hidden, direct.hidden, rtol=1e-4, atol=1e-4)
+    for other in (UnderstandingTower(dtype="float32", memo_size=4, num_layers=3),
+                  UnderstandingTower(dtype="bfloat16", memo_size=4)):
+        assert caption not in other._memo

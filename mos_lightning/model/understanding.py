@@ -12,6 +12,8 @@ from torch import nn
 from ..types import TowerStates
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# caption -> states, one memo per tower identity in the process: the arms of an ablation share the tower's work
+_MEMOS: dict[str, OrderedDict[str, torch.Tensor]] = {}
 
 
 def embedded_model_path() -> str:
@@ -38,7 +40,9 @@ class UnderstandingTower(nn.Module):
         dtype: the tower's parameter dtype (App. A keeps it in bfloat16).
         max_length: prompts are truncated to this many tokens.
         memo_size: how many captions' states to keep in memory; a frozen tower's output for a
-            caption never changes, and the embedded domain repeats captions often.
+            caption never changes, and the embedded domain repeats captions often. Towers with the
+            same identity (path, weights, config, dtype, max_length) in one process share the memo,
+            so every arm of an ablation reuses the first arm's work.
         num_layers: keep only the first layers (a smaller tower from the same weights, App. B.4).
         cache_dir: read states from (and never write to) the disk cache that
             `python -m mos_lightning cache` filled for this tower; misses run the tower.
@@ -66,12 +70,11 @@ class UnderstandingTower(nn.Module):
         self.max_length = max_length
         self.memo_size = memo_size
         self.capture_keys_values = False  # set by fusions that read the tower's own K/V (MoT)
-        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.cache = None
-        if cache_dir is not None:
-            from ..state_cache import StateCache, tower_identity
+        from ..state_cache import StateCache, tower_identity  # it imports this module
 
-            self.cache = StateCache(cache_dir, tower_identity(self))
+        identity = tower_identity(self)
+        self._memo = _MEMOS.setdefault(identity, OrderedDict()) if memo_size > 0 else OrderedDict()
+        self.cache = StateCache(cache_dir, identity) if cache_dir is not None else None
         self.cache_hits = self.cache_misses = 0
 
     @property
