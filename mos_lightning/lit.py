@@ -133,7 +133,9 @@ class MoSModule(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        # On CPU torch defaults to the per-tensor loop; its fused kernel took 2.7 against 7.0 ms a step here (README)
+        fused = True if all(p.device.type == "cpu" for p in decay + no_decay) else None
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
