@@ -36,7 +36,7 @@ class MoSModule(L.LightningModule):
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
-        compile: torch.compile the generation tower's blocks and the MoS router (TextToImage.compile_regions).
+        compile: torch.compile the generation tower's blocks and the MoS router's (TextToImage.compile_regions).
             A cold compile on 2 CPU cores (a training and a no-grad graph per region), cached on disk by
             inductor for later runs; then a training step is about 1.4-1.6x faster (README, "Training
             throughput"). Needs a C++ compiler on CPU (checked in `setup`).
@@ -133,9 +133,7 @@ class MoSModule(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # On CPU torch defaults to the per-tensor loop; its fused kernel took 2.7 against 7.0 ms a step here (README)
-        fused = True if all(p.device.type == "cpu" for p in decay + no_decay) else None
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

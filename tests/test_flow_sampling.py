@@ -148,31 +148,3 @@ def test_data_prediction_setting(minilm, rng):
     tower_output = module.model.generation(z, t, module.model.fusion(states, module.model.generation.patchify(z), t))
     torch.testing.assert_close(velocity, (z - tower_output) / t.view(-1, 1, 1, 1))
 
-
-def test_optimizer_is_the_fused_adamw_with_the_recipe(minilm, rng):
-    """On CPU, torch's fused AdamW; a few steps of it equal torch's reference loop (foreach=False) on the same
-    weights and random gradients, group by group (weight decay on matrices only)."""
-    from types import SimpleNamespace
-
-    from mos_lightning.lit import MoSModule
-    from mos_lightning.model.generation import GenerationTower
-
-    module = MoSModule(understanding=minilm, generation=GenerationTower(width=32, depth=1, heads=2, patch_size=4),
-                       lr=1e-2, warmup_steps=1)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # all the schedule reads of a trainer
-    optimizer = module.configure_optimizers()["optimizer"]
-    assert optimizer.defaults["fused"] and [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    copies = [p.detach().clone().requires_grad_() for p in params]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
-    reference = torch.optim.AdamW([{"params": copies[:sizes[0]], "weight_decay": 0.01},
-                                   {"params": copies[sizes[0]:], "weight_decay": 0.0}],
-                                  lr=1e-2, betas=(0.9, 0.95), foreach=False)
-    for _ in range(3):
-        for p, c in zip(params, copies):
-            p.grad = torch.randn(p.shape, generator=rng)
-            c.grad = p.grad.clone()
-        optimizer.step()
-        reference.step()
-    for p, c in zip(params, copies):
-        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-6)

@@ -74,8 +74,9 @@ class TextToImage(nn.Module):
     def compile_regions(self) -> None:
         """Regional torch.compile: every generation block (they share one compiled graph per mode: training and
         no-grad, as validation and the callbacks' sampling run) and the fusion's own trainable regions (the MoS
-        router). Dynamic shapes: any batch, prompt length and image size; the cold compile is paid once per
-        process, whatever the depth. Parameter names, and so checkpoints, do not change.
+        router's blocks). Dynamic shapes: any batch, prompt length and image size; the cold compile is paid once
+        per machine (inductor's disk cache), whatever the depth and whatever the router sees. Parameter names,
+        and so checkpoints, do not change.
 
         Inductor's pattern matcher is off for these regions: on CPU it rewrites the traced attention of the
         router's blocks into the flash kernel, whose backward made the compiled router slower than eager
