@@ -63,7 +63,7 @@ class MoSRouter(nn.Module):
     """Predicts, for every context token, the m x n routing logits W (token-wise, §3.2)."""
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, width: int = 64,
-                 depth: int = 2, heads: int = 4, modality_norms: bool = True):
+                 depth: int = 2, heads: int = 2, modality_norms: bool = True):
         super().__init__()
         check_router_inputs(inputs)
         self.inputs = tuple(inputs)

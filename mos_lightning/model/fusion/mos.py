@@ -21,7 +21,8 @@ class MoSFusion(Fusion):
         top_k: understanding layers summed per generation layer (App. A: 2).
         epsilon: eps-greedy exploration probability in training (App. A: 0.05); eval uses 0.
         renormalize: rescale the selected weights to sum to one (not the paper's default).
-        router_width, router_depth, router_heads: size of the lightweight router transformer.
+        router_width, router_depth, router_heads: size of the lightweight router transformer. Two heads of 32 at
+            width 64: at the embedded size four heads of 16 made the router 11 % of a training step (README).
         modality_norms: one RMSNorm per router input (App. B.2) rather than one shared.
     """
 
@@ -29,7 +30,7 @@ class MoSFusion(Fusion):
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, top_k: int = 2,
                  epsilon: float = 0.05, renormalize: bool = False, router_width: int = 64,
-                 router_depth: int = 2, router_heads: int = 4, modality_norms: bool = True):
+                 router_depth: int = 2, router_heads: int = 2, modality_norms: bool = True):
         super().__init__(geometry)
         m, n = self.routed_layers(geometry), geometry.generation_layers
         if not 1 <= top_k <= m:
