@@ -147,4 +147,3 @@ def test_data_prediction_setting(minilm, rng):
     velocity, _ = module.model(z, t, states)
     tower_output = module.model.generation(z, t, module.model.fusion(states, module.model.generation.patchify(z), t))
     torch.testing.assert_close(velocity, (z - tower_output) / t.view(-1, 1, 1, 1))
-
