@@ -26,7 +26,7 @@ def router(r, prompt: int, latent_tokens: int, d_u: int, d_g: int, m: int, n: in
     width = r.prompt.out_features
     seq = prompt + (latent_tokens if r.latent is not None else 0) + (1 if r.timestep is not None else 0)
     per_layer = linear(seq, width, 4 * width) + linear(seq, width, 8 * width) + attention(seq, seq, width)
-    f = len(r.blocks.layers) * per_layer + linear(prompt, d_u, width) + linear(prompt, width, m * n)
+    f = len(r.blocks) * per_layer + linear(prompt, d_u, width) + linear(prompt, width, m * n)
     return f + (linear(latent_tokens, d_g, width) if r.latent is not None else 0)
 
 
