@@ -10,7 +10,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from .data.buckets import mix_seed
 from .errors import ConfigError
 from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
 from .model.fusion import MoSFusion
@@ -18,6 +17,7 @@ from .model.generation import GenerationTower
 from .model.text_to_image import FusionFactory, TextToImage
 from .model.understanding import UnderstandingTower
 from .sampling import generate
+from .seeds import mix_seed
 from .types import Batch
 
 NO_DECAY = ("registers", "null_context", "null_keys_values", "cls")  # embeddings: no weight decay (App. A recipe)
@@ -31,15 +31,15 @@ class MoSModule(L.LightningModule):
             `fusion` is given the towers' geometry when the model is built.
         timesteps: the training timestep sampler (App. A: logit-normal, later mode sampling).
         prediction: "velocity" (the tower outputs v, Eq. 1) or "data" (it outputs z0; the loss is still
-            Eq. 1's velocity MSE). "data" learns faster at the embedded budget (README, "Training recipe").
+            Eq. 1's velocity MSE). "data" learns faster at the embedded budget (docs/training-recipe.md).
         caption_dropout: fraction of captions replaced by the learned null context (for CFG).
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
         compile: torch.compile the generation tower's blocks and the MoS router's (TextToImage.compile_regions).
-            A cold compile on 2 CPU cores (a training and a no-grad graph per region), cached on disk by
-            inductor for later runs; then a training step is about 1.4-1.6x faster (README, "Training
-            throughput"). Needs a C++ compiler on CPU (checked in `setup`).
+            A one-off cold compile (a training and a no-grad graph per region), cached on disk by inductor
+            for later runs, for faster steps after it (docs/performance.md). Needs a C++ compiler on CPU
+            (checked in `setup`).
     """
 
     def __init__(self, understanding: UnderstandingTower | None = None, generation: GenerationTower | None = None,
@@ -135,7 +135,8 @@ class MoSModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr))
+        factor = warmup_cosine(self.warmup_steps, total, self.min_lr / self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

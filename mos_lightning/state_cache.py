@@ -1,11 +1,17 @@
-"""The understanding-tower cache (App. B.4's producer-consumer): every caption's m hidden states
-written once to disk shards, read by training instead of running the frozen tower.
+"""The layer between the frozen understanding tower and its users: states already computed are reused.
 
-Layout: <root>/<tower identity>/shard-<id>.safetensors, one tensor (m, L_i, D_u) per caption,
-keyed by the caption's SHA-1. The identity hashes the tower's class, config, dtype, truncation,
-max_length and its weight files' names, sizes and modification times, so a changed tower reads
-from a fresh folder. Shards are written to a temporary name and renamed into place: a killed
-pass leaves only `.tmp-*` files, which are never read.
+Two stores, both keyed by caption and by the tower's identity (`tower_identity`):
+- the memo: in-process, an LRU of caption -> states. `MEMOS` holds one memo per identity for the whole
+  process, so towers of one identity share it and later arms of an ablation reuse the first arm's work;
+- the disk cache (App. B.4's producer-consumer, `StateCache`): every caption's m hidden states written once by
+  `python -m mos_lightning cache`, read (never written) by training.
+`StateStore` puts both in front of a tower's encoder. Neither store runs a model: they take an `encode`
+function, so this module imports nothing from `model/`.
+
+Disk layout: <root>/<tower identity>/shard-<id>.safetensors, one bf16 tensor (m, L_i, D_u) per caption, keyed
+by the caption's SHA-1. The identity hashes the tower's class, config, dtype, truncation, max_length and its
+weight files' names, sizes and modification times, so a changed tower reads from a fresh folder. Shards are
+written to a temporary name and renamed into place: a killed pass leaves only `.tmp-*` files, never read.
 """
 from __future__ import annotations
 
@@ -14,13 +20,15 @@ import json
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model.understanding import unpad
+from .types import TowerStates
 
 log = logging.getLogger("mos_lightning.cache")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -31,7 +39,9 @@ def caption_key(caption: str) -> str:
 
 
 def tower_identity(tower) -> str:
-    """A short hash of everything that changes the tower's output for a caption."""
+    """A short hash of everything that changes the tower's output for a caption.
+
+    `tower` is read through its `path`, `model` (a transformers model) and `max_length` only."""
     path = Path(tower.path)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
                      if p.suffix in WEIGHT_SUFFIXES) if path.is_dir() else [str(path)]
@@ -87,6 +97,101 @@ class StateCache:
         os.replace(tmp, final)  # atomic on POSIX: readers see the whole shard or none of it
         self.refresh()
         return final
+
+
+def unpad(states: TowerStates) -> list[torch.Tensor]:
+    """Per-caption states (m, L_i, D), padding dropped."""
+    return [hidden[:, mask] for hidden, mask in zip(states.hidden, states.mask)]
+
+
+def pad(items: list[torch.Tensor]) -> TowerStates:
+    """Right-pad per-caption states (m, L_i, D) into one batch."""
+    m, _, d = items[0].shape
+    length = max(x.shape[1] for x in items)
+    hidden = items[0].new_zeros(len(items), m, length, d)
+    mask = torch.zeros(len(items), length, dtype=torch.bool, device=items[0].device)
+    for b, x in enumerate(items):
+        hidden[b, :, : x.shape[1]] = x
+        mask[b, : x.shape[1]] = True
+    return TowerStates(hidden=hidden, mask=mask)
+
+
+class Memos:
+    """The process's caption memos, one per tower identity: the only tower state shared across a process.
+
+    The arms of an ablation run one after another in one process and each builds its tower afresh; a tower of
+    an identity seen before gets the same memo back, so it starts with the earlier arms' states. Entries stay
+    until a store's LRU bound evicts them or `clear()`.
+    """
+
+    def __init__(self):
+        self._by_identity: dict[str, OrderedDict[str, torch.Tensor]] = {}
+
+    def of(self, identity: str) -> OrderedDict[str, torch.Tensor]:
+        """The memo (caption -> (m, L_i, D_u), oldest first) of one tower identity, created empty on first use."""
+        return self._by_identity.setdefault(identity, OrderedDict())
+
+    def clear(self) -> None:
+        self._by_identity.clear()
+
+
+MEMOS = Memos()  # the registry every StateStore uses unless handed another
+
+
+class StateStore:
+    """A tower's memo and disk cache in front of its encoder: hits skip the tower, misses run it.
+
+    All misses of one call are encoded together, in one batch, as the tower would have encoded them. A hit
+    returns what the caption's first encoding gave: a caption's states depend slightly (rounding, most of all
+    in bf16) on the other captions padded into its batch, so a hit equals its first batch's result, not
+    necessarily the caption encoded alone. Disk hits are bf16 as written, then cast to the tower's dtype.
+
+    Args:
+        identity: `tower_identity` of the tower whose states these are.
+        memo_size: captions kept in memory (LRU); 0 keeps none. Stores of one identity share one memo.
+        cache_dir: the root of a disk cache to read from; None reads none.
+        memos: the registry the memo comes from (the process-wide `MEMOS` by default).
+    """
+
+    def __init__(self, identity: str, memo_size: int = 0, cache_dir: str | os.PathLike | None = None,
+                 memos: Memos = MEMOS):
+        self.identity, self.memo_size = identity, memo_size
+        self.memo = memos.of(identity) if memo_size > 0 else OrderedDict()
+        self.cache = StateCache(cache_dir, identity) if cache_dir is not None else None
+        self.cache_hits = self.cache_misses = 0  # disk lookups only: the memo is asked first
+
+    @property
+    def active(self) -> bool:
+        """False when there is nothing to look up: callers then encode directly."""
+        return self.memo_size > 0 or self.cache is not None
+
+    def lookup(self, captions: list[str], encode: Callable[[list[str]], TowerStates], device: torch.device,
+               dtype: torch.dtype) -> TowerStates:
+        """The states of `captions`, right-padded; `encode` runs once, on the distinct misses."""
+        found = {c: self.memo.get(c) for c in dict.fromkeys(captions)}
+        found.update({c: self._from_cache(c, device, dtype) for c, s in found.items() if s is None})
+        missing = [c for c, s in found.items() if s is None]
+        if missing:
+            found.update(zip(missing, unpad(encode(missing))))
+        self._remember(found)
+        return pad([found[c] for c in captions])
+
+    def _from_cache(self, caption: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.cache is None:
+            return None
+        states = self.cache.get(caption)
+        self.cache_hits += states is not None
+        self.cache_misses += states is None
+        return None if states is None else states.to(device=device, dtype=dtype)
+
+    def _remember(self, states: dict[str, torch.Tensor]) -> None:
+        if self.memo_size <= 0:
+            return
+        for caption, hidden in states.items():
+            self.memo[caption] = hidden
+            self.memo.move_to_end(caption)
+        while len(self.memo) > self.memo_size:
+            self.memo.popitem(last=False)
 
 
 def dataset_captions(dataset) -> list[str]:

@@ -1,7 +1,6 @@
 """Data: the embedded shapes domain (procedural, no download) and image-caption corpora."""
 from mos_lightning.data.corpus import BucketedShapesDataset, ImageCaptionDataModule
 from mos_lightning.data.mjhq import MJHQDataset
-from mos_lightning.data.sources import FolderDataset, ManifestDataset, ShardDataset
 from mos_lightning.data.shapes import (
     CATEGORIES,
     COLOURS,
@@ -18,6 +17,7 @@ from mos_lightning.data.shapes import (
     render,
     scene_for,
 )
+from mos_lightning.data.sources import FolderDataset, ManifestDataset, ShardDataset
 
 __all__ = [
     "BucketedShapesDataset",

@@ -9,7 +9,6 @@ num_replicas indices and each rank takes its slice, so all ranks step in lock-st
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Iterator, Sequence
 
@@ -18,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from mos_lightning.errors import ConfigError
+from mos_lightning.seeds import mix_seed
 
 AREA_TOLERANCE = 0.10  # a bucket's area may differ from base^2 by this fraction
 _RATIO_EPS = 1e-9  # float slack for the max_ratio bound and for ties in log-ratio distance
@@ -59,7 +59,7 @@ def bucket_table(base: int, multiple: int, max_ratio: float = 2.0) -> list[tuple
     good = [p for p in pairs if abs(p[0] * p[1] - base * base) <= AREA_TOLERANCE * base * base]
     if not good:
         good = [min(pairs, key=lambda p: (abs(p[0] * p[1] - base * base), p[1] - p[0]))]
-    table = {(s, l) for s, l in good} | {(l, s) for s, l in good}
+    table = {(short, long) for short, long in good} | {(long, short) for short, long in good}
     return sorted(table, key=lambda hw: math.log(hw[1] / hw[0]))
 
 
@@ -91,13 +91,6 @@ def resize_center_crop(image: Image.Image, bucket: tuple[int, int]) -> Image.Ima
     resized = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     return resized.crop((left, top, left + width, top + height))
-
-
-def mix_seed(*parts: int) -> int:
-    """One 32-bit generator seed from several ints, hashed: torch's CPU generator keeps only the low 32 bits of
-    a seed, so shifting or adding would let tuples collide (seed + epoch makes (0, 1) == (1, 0))."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _dist_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -64,7 +64,8 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
 
     def skipped_summary(self) -> str:
         """How many samples each split skipped and why (in-process counts; workers count their own)."""
-        parts = [f"{name}: {data.skipped.summary()}" for name, data in (("train", self.train_set), ("val", self.val_set))
+        splits = (("train", self.train_set), ("val", self.val_set))
+        parts = [f"{name}: {data.skipped.summary()}" for name, data in splits
                  if data is not None and hasattr(data, "skipped")]
         return "; ".join(parts)
 

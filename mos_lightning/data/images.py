@@ -7,8 +7,8 @@ every mode to 8-bit RGB, and `SkipCounter` keeps the tally so a run can say what
 from __future__ import annotations
 
 import io
-import math
 import logging
+import math
 import os
 import threading
 import warnings

@@ -197,7 +197,9 @@ def caption(scene: ShapeScene) -> str:
     return f"{_noun_phrase(objs[0], True)} {phrase} {_noun_phrase(objs[1], True)}"
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb):
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
+    """Fill one shape into the inclusive pixel box; the domain's only rasteriser, so ShapesEval's templates
+    match the renders exactly."""
     x0, y0, x1, y1 = box
     mx, my = (x0 + x1) / 2, (y0 + y1) / 2
     if shape == "circle":
@@ -225,7 +227,7 @@ def render(scene: ShapeScene, size: int | Sequence[int] | None = None) -> Image.
     for obj in scene.objects:
         left, top = obj.centre[0] - (obj.size - 1) / 2, obj.centre[1] - (obj.size - 1) / 2
         box = (round(left * sx), round(top * sy), round((left + obj.size) * sx) - 1, round((top + obj.size) * sy) - 1)
-        _draw(draw, obj.shape, box, COLOURS[obj.colour])
+        draw_shape(draw, obj.shape, box, COLOURS[obj.colour])
     return img
 
 

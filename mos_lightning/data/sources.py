@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from mos_lightning.data.buckets import nearest_bucket
 from mos_lightning.data.images import DEFAULT_MAX_PIXELS, SkipCounter, check_size, header_size, image_tensor
 from mos_lightning.data.shapes import collate
-from mos_lightning.types import Batch
 from mos_lightning.errors import ConfigError
+from mos_lightning.types import Batch
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 Item = tuple[torch.Tensor, str, str]
@@ -74,7 +74,8 @@ class MapSource(Dataset):
             self.skipped.add("no_caption", key=i, detail=str(self.paths[i]))
             self._bad.add(i)
             return None
-        image = image_tensor(self.paths[i], size or self.target_size(i), self.skipped, key=i, max_pixels=self.max_pixels)
+        image = image_tensor(self.paths[i], size or self.target_size(i), self.skipped, key=i,
+                             max_pixels=self.max_pixels)
         if image is None:
             self._bad.add(i)
             return None

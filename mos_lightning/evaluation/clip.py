@@ -4,8 +4,9 @@ CLIP score (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Metric 
 arXiv:2104.08718; the scaling used by torchmetrics' CLIPScore) is 100 * max(cos(E_image, E_text), 0).
 
 "shapes-clip" is a tiny ViT/text-transformer CLIP for 32x32 shapes renders, trained by
-`python -m mos_lightning.evaluation.train_shapes_clip`; its config and weights live in `assets/`. Any other
-open_clip model name ("ViT-L-14" with pretrained "openai", or a local weights file) is deferred to open_clip.
+`python tools/train_shapes_clip.py` (a tool of the checkout, not of the package); its config and weights live
+in `assets/`. Any other open_clip model name ("ViT-L-14" with pretrained "openai", or a local weights file) is
+deferred to open_clip.
 Images enter as the kit's (B, 3, H, W) tensors in [-1, 1]; no PIL round trip.
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _resolve_name(model_name: str, config_path) -> str:
 def _missing_hint(name: str, pretrained: str, shapes: bool, tags: list[str]) -> str:
     if shapes:
         return (f"omit pretrained for the packaged weights ({SHAPES_WEIGHTS}) or train some with "
-                f"`python -m mos_lightning.evaluation.train_shapes_clip --out {pretrained}`")
+                f"`python tools/train_shapes_clip.py --out {pretrained}` in a checkout of the kit")
     hint = f"put an open_clip checkpoint of {name} there"
     if tags:
         hint += f", or pass a tag ({', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''}) to download once online"

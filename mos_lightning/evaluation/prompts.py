@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from mos_lightning.data.mjhq import MJHQDataset
-from mos_lightning.data.shapes import ShapeScene, render, to_tensor
+from mos_lightning.data.shapes import CATEGORIES, ShapeScene, render, to_tensor
 from mos_lightning.errors import ConfigError
 from mos_lightning.evaluation.shapes_eval import PROMPT_SEED, captions, prompt_set
 
@@ -28,6 +28,10 @@ class EvalPrompts:
     def build(self, image_size: tuple[int, int]) -> EvalSet:
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        """How many prompts `build` gives."""
+        raise NotImplementedError
+
 
 class ShapesPrompts(EvalPrompts):
     """ShapesEval's held-out prompt set (balanced over GenEval's six categories); the FID reference is the
@@ -37,6 +41,9 @@ class ShapesPrompts(EvalPrompts):
         if not isinstance(per_category, int) or per_category < 1:
             raise ConfigError(f"per_category: must be an int >= 1, got {per_category!r}")
         self.per_category, self.seed = per_category, seed
+
+    def __len__(self) -> int:
+        return self.per_category * len(CATEGORIES)
 
     def build(self, image_size: tuple[int, int]) -> EvalSet:
         scenes = prompt_set(self.per_category, tuple(image_size), self.seed)
@@ -58,6 +65,9 @@ class MJHQPrompts(EvalPrompts):
             raise ConfigError(f"count: {count} requested but {root!r} holds only {len(self.dataset)} images "
                               f"in categories {', '.join(self.dataset.categories)}")
         self.count = count
+
+    def __len__(self) -> int:
+        return self.count
 
     def build(self, image_size: tuple[int, int]) -> EvalSet:
         ds = self.dataset

@@ -23,8 +23,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mos_lightning.data.shapes import (CATEGORIES, COLOURS, SHAPES, ShapeScene, _draw, caption, check_image_size,
-                                       relation_holds, scene_for)
+from mos_lightning.data.shapes import (
+    CATEGORIES,
+    COLOURS,
+    SHAPES,
+    ShapeScene,
+    caption,
+    check_image_size,
+    draw_shape,
+    relation_holds,
+    scene_for,
+)
 
 PROMPT_SEED = 2_000_003  # neither the train seed (0) nor its val seed (0 + VAL_SEED_OFFSET)
 _PALETTE_NAMES = ("background",) + tuple(COLOURS)
@@ -128,7 +137,7 @@ def templates(h: int, w: int) -> dict[str, np.ndarray]:
     out = {}
     for shape in SHAPES:
         img = Image.new("L", (w, h), 0)
-        _draw(ImageDraw.Draw(img), shape, (0, 0, w - 1, h - 1), 255)
+        draw_shape(ImageDraw.Draw(img), shape, (0, 0, w - 1, h - 1), 255)
         out[shape] = np.asarray(img) > 0
         out[shape].setflags(write=False)  # cached: shared by every caller
     return out

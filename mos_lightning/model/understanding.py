@@ -1,19 +1,17 @@
 """The frozen understanding tower U (§3.1, Eq. 2): any transformers model -> all m hidden states."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 import os
-from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..machine import auto_dtype
+from ..state_cache import StateCache, StateStore, tower_identity
 from ..types import TowerStates
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-# caption -> states, one memo per tower identity in the process: the arms of an ablation share the tower's work
-_MEMOS: dict[str, OrderedDict[str, torch.Tensor]] = {}
 
 
 def embedded_model_path() -> str:
@@ -35,47 +33,46 @@ def _check_path(path: str) -> None:
 class UnderstandingTower(nn.Module):
     """Wraps a Hugging Face encoder or decoder, frozen, returning every hidden state and the mask.
 
+    `encode` always runs the model; `forward` first asks `store` (a `StateStore`: the memo and the disk
+    cache), which runs `encode` on the misses only.
+
     Args:
         path: local folder or hub id; None picks the embedded all-MiniLM-L6-v2.
-        dtype: the tower's parameter dtype (App. A keeps it in bfloat16).
+        dtype: the tower's parameter dtype; "auto" is bfloat16 (as App. A) where bf16 is native, else float32.
         max_length: prompts are truncated to this many tokens.
         memo_size: how many captions' states to keep in memory; a frozen tower's output for a
             caption never changes, and the embedded domain repeats captions often. Towers with the
-            same identity (path, weights, config, dtype, max_length) in one process share the memo,
-            so every arm of an ablation reuses the first arm's work.
+            same identity (path, weights, config, dtype, max_length) in one process share the memo
+            (`state_cache.MEMOS`), so every arm of an ablation reuses the first arm's work.
         num_layers: keep only the first layers (a smaller tower from the same weights, App. B.4).
         cache_dir: read states from (and never write to) the disk cache that
             `python -m mos_lightning cache` filled for this tower; misses run the tower.
     """
 
-    def __init__(self, path: str | None = None, dtype: str = "bfloat16", max_length: int = 32, memo_size: int = 0,
+    def __init__(self, path: str | None = None, dtype: str = "auto", max_length: int = 32, memo_size: int = 0,
                  num_layers: int | None = None, cache_dir: str | None = None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
+        dtype = auto_dtype() if dtype == "auto" else dtype
         if dtype not in DTYPES:
-            raise ConfigError(f"understanding.dtype: {dtype!r}; allowed: {sorted(DTYPES)}")
+            raise ConfigError(f"understanding.dtype: {dtype!r}; allowed: auto, {', '.join(sorted(DTYPES))}")
         self.path = path or embedded_model_path()
         _check_path(self.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             self.model = AutoModel.from_pretrained(self.path, dtype=DTYPES[dtype])
         except (OSError, ValueError) as err:
-            raise ConfigError(f"understanding.path: {self.path!r} could not be loaded as a transformers model: {err}") from None
+            raise ConfigError(f"understanding.path: {self.path!r} could not be loaded as a transformers model: "
+                              f"{err}") from None
         if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if num_layers is not None:
             _truncate(self.model, num_layers)
         self.model.requires_grad_(False).eval()
         self.max_length = max_length
-        self.memo_size = memo_size
         self.capture_keys_values = False  # set by fusions that read the tower's own K/V (MoT)
-        from ..state_cache import StateCache, tower_identity  # it imports this module
-
-        identity = tower_identity(self)
-        self._memo = _MEMOS.setdefault(identity, OrderedDict()) if memo_size > 0 else OrderedDict()
-        self.cache = StateCache(cache_dir, identity) if cache_dir is not None else None
-        self.cache_hits = self.cache_misses = 0
+        self.store = StateStore(tower_identity(self), memo_size, cache_dir)
 
     @property
     def num_layers(self) -> int:
@@ -104,7 +101,8 @@ class UnderstandingTower(nn.Module):
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TowerStates:
         device = next(self.model.parameters()).device
-        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         tok = {k: v.to(device) for k, v in tok.items()}
         captured: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in self.kv_modules()] \
@@ -126,50 +124,29 @@ class UnderstandingTower(nn.Module):
         return [module for layer in _layers(self.model) for module in _kv_pair(layer)]
 
     def forward(self, captions: list[str]) -> TowerStates:
-        if (self.memo_size <= 0 and self.cache is None) or self.capture_keys_values:
+        """States through the store; MoT's K/V capture bypasses it (the store keeps hidden states only)."""
+        if self.capture_keys_values or not self.store.active:
             return self.encode(captions)
-        found = {c: self._memo.get(c) for c in dict.fromkeys(captions)}
-        found.update({c: self._from_cache(c) for c, s in found.items() if s is None})
-        missing = [c for c, s in found.items() if s is None]
-        if missing:
-            found.update(zip(missing, unpad(self.encode(missing))))
-        self._remember(found)
-        return _pad([found[c] for c in captions])
-
-    def _from_cache(self, caption: str) -> torch.Tensor | None:
-        if self.cache is None:
-            return None
-        states = self.cache.get(caption)
-        self.cache_hits += states is not None
-        self.cache_misses += states is None
         weight = next(self.model.parameters())
-        return None if states is None else states.to(device=weight.device, dtype=weight.dtype)
+        return self.store.lookup(captions, self.encode, weight.device, weight.dtype)
 
-    def _remember(self, states: dict[str, torch.Tensor]) -> None:
-        if self.memo_size <= 0:
-            return
-        for caption, hidden in states.items():
-            self._memo[caption] = hidden
-            self._memo.move_to_end(caption)
-        while len(self._memo) > self.memo_size:
-            self._memo.popitem(last=False)
+    @property
+    def cache(self) -> StateCache | None:
+        """The disk cache read, if any (results.py reports its hit rate)."""
+        return self.store.cache
 
+    @property
+    def cache_hits(self) -> int:
+        return self.store.cache_hits
 
-def unpad(states: TowerStates) -> list[torch.Tensor]:
-    """Per-caption states (m, L_i, D), padding dropped."""
-    return [hidden[:, mask] for hidden, mask in zip(states.hidden, states.mask)]
+    @property
+    def cache_misses(self) -> int:
+        return self.store.cache_misses
 
-
-def _pad(items: list[torch.Tensor]) -> TowerStates:
-    """Right-pad per-caption states (m, L_i, D) into one batch."""
-    m, _, d = items[0].shape
-    length = max(x.shape[1] for x in items)
-    hidden = items[0].new_zeros(len(items), m, length, d)
-    mask = torch.zeros(len(items), length, dtype=torch.bool, device=items[0].device)
-    for b, x in enumerate(items):
-        hidden[b, :, : x.shape[1]] = x
-        mask[b, : x.shape[1]] = True
-    return TowerStates(hidden=hidden, mask=mask)
+    @property
+    def _memo(self):
+        """The memo this tower reads (tests/test_model.py inspects it; new code reads `store.memo`)."""
+        return self.store.memo
 
 
 def _kv_pair(layer: nn.Module) -> list[nn.Module]:

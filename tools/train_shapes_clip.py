@@ -1,6 +1,9 @@
 """Train the packaged shapes CLIP contrastively on the embedded shapes domain, on CPU in a few minutes.
 
-    python -m mos_lightning.evaluation.train_shapes_clip --out mos_lightning/evaluation/assets/shapes_clip.pt
+    python tools/train_shapes_clip.py --out mos_lightning/evaluation/assets/shapes_clip.pt
+
+A maintainer's tool, outside the runtime package: the kit only loads the weights it wrote
+(`mos_lightning.evaluation.clip`).
 
 Loss: open_clip's ClipLoss (symmetric InfoNCE over the batch; batches hold distinct captions, so no in-batch
 negative is a true caption) plus
@@ -30,8 +33,16 @@ from open_clip.loss import ClipLoss
 from open_clip.model import text_global_pool
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mos_lightning.data.shapes import (COLOURS, NUMBER_WORDS, SHAPES, ShapeScene, ShapesDataset, caption, render,
-                                       to_tensor)
+from mos_lightning.data.shapes import (
+    COLOURS,
+    NUMBER_WORDS,
+    SHAPES,
+    ShapeScene,
+    ShapesDataset,
+    caption,
+    render,
+    to_tensor,
+)
 from mos_lightning.errors import ConfigError
 from mos_lightning.evaluation.clip import SHAPES_CLIP, SHAPES_WEIGHTS, Clip, create_clip, load_clip
 
