@@ -5,13 +5,14 @@ python benchmarks/block_exactness.py
 from __future__ import annotations
 
 import torch
-from common import median_seconds
+from common import header, median_seconds
 
 from mos_lightning.model.blocks import Block, naive_block
 from mos_lightning.model.embeddings import rope_2d
 
 
 def main(batch: int = 64, image_tokens: int = 68, context_tokens: int = 16, width: int = 192, heads: int = 6) -> None:
+    header()
     torch.manual_seed(0)
     block = Block(width, heads)
     x = torch.randn(batch, image_tokens, width)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import median_seconds
+from common import compute, header, median_seconds
 from PIL import Image
 
 from mos_lightning.cli import MoSCLI
@@ -39,7 +39,7 @@ def step_time(module, batch) -> float:
     t = torch.rand(len(batch))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute():
             loss = module.loss(batch, t).mean()
         loss.backward()
 
@@ -75,6 +75,7 @@ def decode_rates(root: Path) -> None:
 
 
 def main() -> None:
+    header()
     cli = MoSCLI(args=["--trainer.logger=false"], run=False)
     module, data = cli.model, cli.datamodule
     data.setup("fit")

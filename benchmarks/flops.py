@@ -47,7 +47,7 @@ def training_flops(model, batch, states) -> int:
 
 
 def fusion_flops(fusion, name: str, g, prompt: int, n_img: int) -> int:
-    m, n, d_u, d_g = g.understanding_layers, g.generation_layers, g.understanding_width, g.generation_width
+    n, d_u, d_g = g.generation_layers, g.understanding_width, g.generation_width
     if name in ("MoSFusion", "SampleWiseMoSFusion", "KeyValueMoSFusion"):
         routed = fusion.router.m
         d_in, d_out = fusion.proj.weight.shape[1:]

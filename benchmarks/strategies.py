@@ -2,11 +2,11 @@
 
 python benchmarks/strategies.py [--steps 5]
 
-Per strategy: trainable parameters; training-step time (forward, backward, AdamW step) under
-bf16 autocast; sampling time per denoising step (one model call, batch 8, eval); peak RSS of a
+Per strategy: trainable parameters; training-step time (forward, backward, AdamW step) at the
+precision `fit` chooses here; sampling time per denoising step (one model call, batch 8, eval); peak RSS of a
 fresh process that runs only that strategy; for MoS the router's share of the step (its own
 forward + backward). Beside them, the step's FLOPs from the formula in `flops.py` and the
-achieved FLOP/s as a fraction of this CPU's measured bf16 matmul peak. The frozen tower is
+achieved FLOP/s as a fraction of this CPU's measured matmul peak in that precision. The frozen tower is
 memoised in training and left out of the FLOPs.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import matmul_peak, median_seconds
+from common import compute, header, matmul_peak, median_seconds, precision
 from flops import training_flops
 
 from mos_lightning.cli import MoSCLI
@@ -60,7 +60,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
     t = torch.rand(n)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute():
             loss = module.loss(data, t).mean()
         loss.backward()
         optimizer.step()
@@ -73,7 +73,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
     def sample_step():
         small = type(states)(states.hidden[:8], states.mask[:8],
                              None if states.keys_values is None else states.keys_values[:8])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute():
             model(z, t[:8], small)
 
     result = {"strategy": strategy, "size": size, "params": model.trainable_parameters(),
@@ -84,7 +84,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
         tokens = model.generation.patchify(data.images).detach()
 
         def router_step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with compute():
                 router(states, tokens, t).float().sum().backward()
 
         result["router_s"] = median_seconds(router_step, steps)
@@ -93,7 +93,7 @@ def measure(strategy: str, size: str, steps: int, batch: int = 32) -> dict:
 
 
 def table(rows: list[dict], peak: float) -> None:
-    print(f"bf16 matmul peak (best of 512, 1024, 2048 square): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak, best of the runs' first and last: {peak / 1e9:.1f} GFLOP/s")
     print("| strategy | size | trainable params | step ms | sample step ms | router share | peak RSS GB | "
           "GFLOP/step | GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -113,18 +113,19 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(measure(*args.one, steps=args.steps)))
         return
-    peak = matmul_peak()  # measured first, on a quiet machine, and again at the end
-    runs = [(s, z) for s in STRATEGIES if s != "mot" for z in ("embedded", "10x")] + [("mot", "symmetric"), ("mos", "symmetric")]
+    peak = header()  # measured first, on a quiet machine, and again at the end
+    runs = [(s, z) for s in STRATEGIES if s != "mot" for z in ("embedded", "10x")]
+    runs += [("mot", "symmetric"), ("mos", "symmetric")]
     rows = []
     for strategy, size in runs:  # a fresh process each, so peak RSS is that strategy's own
         out = subprocess.run([sys.executable, __file__, "--one", strategy, size, "--steps", str(args.steps)],
                              capture_output=True, text=True, cwd=Path(__file__).parent)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{strategy} {size} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(line[7:]))
         print(f"  measured {strategy} at {size}", file=sys.stderr)
-    table(rows, max(peak, matmul_peak()))
+    table(rows, max(peak, matmul_peak(precision()[1])))
     step = {(r["strategy"], r["size"]): r["step_s"] for r in rows}
     for size in ("embedded", "10x"):
         print(f"MoS / cross-attention step time at {size}: {step[('mos', size)] / step[('cross_attn', size)]:.2f}x")

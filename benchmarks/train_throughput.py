@@ -2,7 +2,7 @@
 
 python benchmarks/train_throughput.py [experiments/router_inputs.yaml] [--steps 10]
 
-A step is forward + backward of the flow loss under bf16 autocast (as the Trainer runs it), on a
+A step is forward + backward of the flow loss at the precision `fit` chooses on this machine, on a
 batch from the configured DataModule. The router's share is the router's own forward + backward
 on the same inputs, over the step's time. With `model.compile` on (the base config), the same step
 is also timed with compilation switched off (torch.compiler.set_stance("force_eager")), interleaved
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import interleaved_medians
+from common import compute, header, interleaved_medians
 
 from mos_lightning.cli import MoSCLI, arm_args, read_experiment
 
@@ -36,7 +36,7 @@ def measure(module, batch, steps: int) -> dict:
     module.train()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute():
             loss = module.loss(batch, t).mean()
         loss.backward()
 
@@ -44,7 +44,7 @@ def measure(module, batch, steps: int) -> dict:
     tokens = model.generation.patchify(batch.images).detach()
 
     def router():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute():
             logits = model.fusion.router(states, tokens, t)
         logits.float().sum().backward()
 
@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     experiment = read_experiment(["--config", args.config])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}")
+    header()
+    print(f"config {args.config}")
     print(f"{'arm':<26}{'params':>10}{'step ms':>10}{'samples/s':>11}{'router ms':>11}{'router %':>10}"
           f"{'eager ms':>10}{'compiled':>10}")
     for name, overrides in (experiment["arms"] or {"default": {}}).items():

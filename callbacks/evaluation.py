@@ -76,6 +76,10 @@ class Evaluation(L.Callback):
         self.fid = cached_fid(self.fid_extractor, self.fid_weights, self.clip_model, self.clip_pretrained, cache)
         self.fid.check_reference(self.eval_set.reference, len(self.eval_set.captions))
 
+    def images_sampled(self, validations: int) -> int:
+        """How many images a run with this many validations samples here (mos_lightning.budget)."""
+        return len(self.prompts) * (1 + (validations // self.every if self.every else 0))
+
     def due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return False

@@ -43,6 +43,10 @@ class RouterFigures(L.Callback):
             self._routes = trace(pl_module, self.prompts, image_size, self.seed, steps=1).routes
         return self._routes
 
+    def images_sampled(self, validations: int) -> int:
+        """How many images a run with this many validations samples here (mos_lightning.budget)."""
+        return len(self.prompts) * validations
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.sanity_checking or not hasattr(experiment, "add_figure"):

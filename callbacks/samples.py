@@ -32,6 +32,10 @@ class SampleGrid(L.Callback):
                                     cfg_scale=self.cfg_scale)
         return make_grid((images.float().cpu() + 1) / 2, nrow=self.nrow, padding=1)  # (3, H', W') in [0, 1]
 
+    def images_sampled(self, validations: int) -> int:
+        """How many images a run with this many validations samples here (mos_lightning.budget)."""
+        return len(self.prompts) * validations
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.sanity_checking or not hasattr(experiment, "add_image"):

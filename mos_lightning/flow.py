@@ -78,7 +78,8 @@ class ModeSampling(TimestepSampler):
     def __init__(self, scale: float = 0.8, shift: float = 3.0):
         super().__init__(shift)
         if not -1.0 <= scale <= 2.0 / (math.pi - 2.0):
-            raise ConfigError(f"timesteps.scale={scale} out of range: allowed [-1, {2 / (math.pi - 2):.3f}] (keeps f monotone)")
+            raise ConfigError(f"timesteps.scale={scale} out of range: allowed [-1, {2 / (math.pi - 2):.3f}] "
+                              "(keeps f monotone)")
         self.scale = scale
 
     def draw(self, n, generator, device):

@@ -17,7 +17,7 @@ def _number(value):
 # The paper's tables lead with FID and CLIP; ShapesEval is this kit's exact alignment score.
 LEAD = ("val/fid", "val/clip", "val/shapes/overall", *(f"val/shapes/{c}" for c in CATEGORIES), "val/loss",
         "val/loss@0")  # ShapesEval categories in GenEval's table order
-TAIL = ("trainable_params", "cache_hit_rate", "steps", "wall_s")
+TAIL = ("trainable_params", "cache_hit_rate", "steps", "predicted_s", "wall_s")
 ROW_TAG = "table/row"  # each arm's row, as JSON text in its own event files: `table` rebuilds from it
 
 
@@ -28,8 +28,9 @@ def ordered(row: dict) -> dict:
     return {"arm": row["arm"], **{k: row[k] for k in keys}}
 
 
-def arm_row(name: str, cli) -> dict:
-    """What one finished arm reports: final metrics, its starting val loss, size, steps, time."""
+def arm_row(name: str, cli, predicted_s: float | None = None) -> dict:
+    """What one finished arm reports: final metrics, its starting val loss, size, steps, predicted and actual
+    time."""
     metrics = {k: _number(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     row = {"arm": name, "val/loss@0": cli.initial_val_loss}
     row.update({k: v for k, v in metrics.items() if "loss_t" not in k})
@@ -38,6 +39,8 @@ def arm_row(name: str, cli) -> dict:
     if getattr(tower, "cache", None) is not None:  # how much of training the tower cache served
         row["cache_hit_rate"] = tower.cache_hits / max(tower.cache_hits + tower.cache_misses, 1)
     row["steps"] = cli.trainer.global_step
+    if predicted_s is not None:
+        row["predicted_s"] = round(predicted_s, 1)
     row["wall_s"] = round(cli.wall_time, 1)
     return ordered(row)
 

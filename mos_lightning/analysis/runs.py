@@ -7,7 +7,7 @@ from typing import Sequence
 import yaml
 
 from ..cli import cli_main, read_experiment
-from ..sample import load_module, newest_checkpoint
+from ..cli.sample import load_module, newest_checkpoint
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the source checkout's ablation YAMLs
 ROUTER_INPUTS = EXPERIMENTS / "router_inputs.yaml"

@@ -1,36 +1,59 @@
-"""The command line: LightningCLI, plus the arms of an ablation and the `sample` subcommand.
-
-`fit --config experiments/X.yaml` reads the YAML's `experiment.arms` (each a dict of dotted
-setting -> value) and trains every arm in turn as its own LightningCLI run, same seed, data and
-budget, each logging to <save_dir>/<experiment>/<arm>; then prints and writes the table.
-"""
+"""The base CLI every subcommand builds on: LightningCLI with the packaged base config, the experiment
+keys, precision chosen from the hardware, and a progress display that reads in a log file."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from .errors import ConfigError
-from .lit import MoSModule
-from .results import arm_row, log_row, write_table
+from ..callbacks.progress import StepProgress
+from ..errors import ConfigError
+from ..lit import MoSModule
+from ..machine import choose_precision, device_type
 
-BASE_CONFIG = str(Path(__file__).parent / "configs" / "base.yaml")
+BASE_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "base.yaml")
 
 
 class MoSCLI(LightningCLI):
     """LightningCLI with the packaged base config and the experiment keys."""
 
-    def __init__(self, args=None, run: bool = True, **kwargs):
+    def __init__(self, args=None, run: bool = True, progress: StepProgress | None = None, announce: bool = True,
+                 **kwargs):
+        """`progress`: the arms runner's display (it knows the whole command's plan); `announce`: print the
+        precision line (off for the runner's planning builds)."""
+        self.progress, self.announce = progress, announce
         defaults = {"default_config_files": [BASE_CONFIG]}
         parser_kwargs = defaults if not run else {c: defaults for c in ("fit", "validate", "test", "predict")}
         super().__init__(MoSModule, None, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
                          parser_kwargs=parser_kwargs, args=args, run=run, seed_everything_default=0, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Precision and the frozen tower's dtype from the hardware, unless the config names them."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        precision, dtype, why = choose_precision(device_type(config.trainer.get("accelerator")))
+        chosen = []
+        if config.trainer.get("precision") is None:
+            config.trainer.precision = precision
+            chosen.append(f"trainer.precision={precision}")
+        tower = config.model.get("understanding")
+        if tower is not None and tower.get("init_args") is not None and tower.init_args.get("dtype") == "auto":
+            tower.init_args.dtype = dtype
+            chosen.append(f"understanding dtype={dtype}")
+        if self.announce and chosen:
+            print(f"precision: {', '.join(chosen)}: {why}; set --trainer.precision or "
+                  "--model.understanding.init_args.dtype to override", file=sys.stderr)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """The step display replaces Lightning's default bar, whose "Epoch 0/-2" means nothing in a
+        step-budgeted run and which prints nothing to a log that is not a terminal."""
+        given = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
+        if config.get("enable_progress_bar") is not False and not given:
+            callbacks = [*callbacks, self.progress or StepProgress()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment.name", type=str, default="default", help="groups the arms' runs")
@@ -62,27 +85,6 @@ def check_image_size(model: MoSModule, datamodule) -> None:
                               f"autoencoder factor = {unit}")
 
 
-def _config_paths(args: list[str]) -> list[str]:
-    paths = []
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            paths.append(args[i + 1])
-        elif arg.startswith("--config="):
-            paths.append(arg.split("=", 1)[1])
-    return paths
-
-
-def read_experiment(args: list[str]) -> dict:
-    """The `experiment` section merged over every --config (later files win)."""
-    experiment = {"name": "default", "arms": None}
-    for path in _config_paths(args):
-        if not Path(path).is_file():
-            return experiment  # let the parser report the missing file
-        section = (yaml.safe_load(Path(path).read_text()) or {}).get("experiment") or {}
-        experiment.update({k: v for k, v in section.items() if v is not None})
-    return experiment
-
-
 def pop_option(args: list[str], *names: str, default=None) -> tuple[object, list[str]]:
     """Take `--name value` or `--name=value` (any of `names`) out of args; the last one wins."""
     value, rest, i = default, [], 0
@@ -96,81 +98,6 @@ def pop_option(args: list[str], *names: str, default=None) -> tuple[object, list
             rest.append(args[i])
         i += 1
     return value, rest
-
-
-def select_arms(experiment: dict, arm: str | None) -> dict[str, dict]:
-    arms = experiment.get("arms") or {"default": {}}
-    if arm is None:
-        return arms
-    if arm not in arms:
-        raise ConfigError(f"--arm {arm!r} is not an arm of experiment {experiment['name']!r}; allowed: {', '.join(arms)}")
-    return {arm: arms[arm]}
-
-
-def arm_args(name: str, overrides: dict, experiment: dict) -> list[str]:
-    """An arm's settings as command-line overrides, which win over every --config."""
-    # strings go raw: jsonargparse keeps the quotes of a JSON string given for a `str` setting
-    args = [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
-    return args + [f"--experiment.arm={name}", f"--trainer.logger.init_args.name={experiment['name']}",
-                   f"--trainer.logger.init_args.version={name}"]
-
-
-def with_arm(args: list[str], arm: list[str]) -> list[str]:
-    """Arm settings go right after the last --config: they beat the YAMLs, explicit flags beat them."""
-    last = max((i + (1 if a == "--config" else 0) for i, a in enumerate(args) if a.startswith("--config")), default=-1)
-    return args[: last + 1] + arm + args[last + 1:]
-
-
-def run_fit(args: list[str]) -> list[dict]:
-    arm, args = pop_option(args, "--arm", "--experiment.arm")
-    experiment = read_experiment(args)
-    arms = select_arms(experiment, arm)
-    if len(arms) > 1 and any(a.startswith("--ckpt_path") for a in args):
-        raise ConfigError(f"--ckpt_path resumes one arm; add --arm NAME (arms: {', '.join(arms)})")
-    printing = any(a.startswith("--print_config") for a in args)
-    rows = []
-    for name, overrides in arms.items():
-        print(f"\n=== {experiment['name']}: arm {name} ===", file=sys.stderr)
-        # model.compile: each arm compiles as if it ran alone (inductor's disk cache keeps repeats cheap), and
-        # arms of different strategies do not add up to torch.compile's recompile limit on the block
-        torch.compiler.reset()
-        try:
-            cli = MoSCLI(args=["fit", *with_arm(args, arm_args(name, overrides, experiment))])
-        except SystemExit as stop:
-            if printing and stop.code in (0, None):
-                continue  # --print_config: print every arm's config
-            raise
-        rows.append(arm_row(name, cli))
-        log_row(cli, name, rows[-1])
-    if rows and cli.trainer.is_global_zero:  # under DDP every rank runs the arms; one writes the table
-        write_table(rows, Path(cli.trainer.logger.save_dir) / experiment["name"])
-    return rows
-
-
-def cli_main(args: list[str] | None = None):
-    args = list(sys.argv[1:] if args is None else args)
-    try:
-        if args and args[0] == "sample":
-            from .sample import sample_main
-
-            return sample_main(args[1:])
-        if args and args[0] == "cache":
-            from .cache_cmd import cache_main
-
-            return cache_main(args[1:])
-        if args and args[0] == "table":
-            from .table_cmd import table_main
-
-            return table_main(args[1:])
-        if args and args[0] == "fit":
-            return run_fit(args[1:])
-        return MoSCLI(args=args)
-    except ValueError as err:
-        cause = config_error_in(err)
-        if cause is None:
-            raise
-        print(f"mos_lightning: configuration error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def config_error_in(err: BaseException | None) -> ConfigError | None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
-from .state_cache import StateCache, dataset_captions, fill, tower_identity
+from ..state_cache import StateCache, dataset_captions, fill, tower_identity
 
 
 def cache_main(args: list[str]) -> dict:
-    from .cli import MoSCLI, pop_option
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from .base import MoSCLI, pop_option
 
     cache_dir, args = pop_option(args, "--cache_dir")
     batch_size, args = pop_option(args, "--batch_size", default="256")
@@ -22,7 +22,8 @@ def cache_main(args: list[str]) -> dict:
     cli = MoSCLI(args=[*args, "--trainer.logger=false", "--model.understanding.init_args.cache_dir=null"], run=False)
     tower, data = cli.model.model.understanding, cli.datamodule
     data.setup("fit")
-    captions = [c for loader in (data.train_dataloader(), data.val_dataloader()) for c in dataset_captions(loader.dataset)]
+    loaders = (data.train_dataloader(), data.val_dataloader())
+    captions = [c for loader in loaders for c in dataset_captions(loader.dataset)]
     cache = StateCache(cache_dir, tower_identity(tower))
     start = time.perf_counter()
     written = fill(tower, captions, cache, int(batch_size))

@@ -9,7 +9,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torchvision.utils import make_grid, save_image
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _parser() -> ArgumentParser:
@@ -34,7 +34,7 @@ def newest_checkpoint(run: Path) -> Path:
 
 def load_module(run: Path, ckpt_path: Path):
     """Rebuild the module from the run's saved config, then load the trained weights."""
-    from .cli import MoSCLI
+    from .base import MoSCLI
 
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"sample --run {run}: no config.yaml (expected the folder a `fit` run wrote)")

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import ConfigError
-from .results import ROW_TAG, markdown, ordered, write_table
+from ..errors import ConfigError
+from ..results import ROW_TAG, markdown, ordered, write_table
 
 
 def _event_dirs(root: Path) -> list[Path]:

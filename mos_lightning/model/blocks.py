@@ -12,8 +12,6 @@ rotated, so a routed state is equally visible from every image position.
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 from typing import Callable
 
 import torch
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..errors import ConfigError
 from .embeddings import apply_rope
 
 
@@ -28,7 +27,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q k^T / sqrt(d), keys where `mask` is False left out) v; q (B, H, N, d), k and v (B, H, S, d),
     mask (B, 1, 1, S) bool. On CPU it is written out, with the softmax in (at least) float32: torch's math SDPA kernel
     computes bf16 inputs in float32 throughout and its flash kernel's backward is slower still, at our
-    short sequences (README, "Training throughput"). Elsewhere the fused kernels."""
+    short sequences (docs/performance.md). Elsewhere the fused kernels."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q, k.transpose(-2, -1))

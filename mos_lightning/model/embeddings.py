@@ -1,12 +1,12 @@
 """Position and timestep encodings shared by the generation tower and the router."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 import math
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -5,12 +5,11 @@ No timestep embedding by default (App. A drops it; the router sees t instead).
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 import torch
 from einops import rearrange
 from torch import nn
 
+from ..errors import ConfigError
 from ..types import Conditioning
 from .blocks import Block
 from .embeddings import TimestepEmbedding, rope_2d, sincos_2d
@@ -27,7 +26,7 @@ class GenerationTower(nn.Module):
         timestep_embedding: add a carried timestep token (off by default, App. A).
         rope_theta: base of the 2-D rotary positions on image tokens' queries and keys (None: only the
             additive sin-cos positions). At the embedded budget RoPE turns scattered patches into whole
-            objects (README, "Training recipe").
+            objects (docs/training-recipe.md).
     """
 
     def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4, channels: int = 3,
@@ -52,7 +51,8 @@ class GenerationTower(nn.Module):
 
     def check_image_size(self, height: int, width: int) -> None:
         if height % self.patch_size or width % self.patch_size:
-            raise ConfigError(f"image size {height}x{width} is not divisible by generation.patch_size={self.patch_size}")
+            raise ConfigError(f"image size {height}x{width} is not divisible by "
+                              f"generation.patch_size={self.patch_size}")
 
     def patchify(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) image tokens with positions; the router shares this layer (§3.2)."""
@@ -91,7 +91,8 @@ class GenerationTower(nn.Module):
         stream_mask = None
         if conditioning is not None and conditioning.stream is not None:  # self-attention fusion
             x = torch.cat([conditioning.stream.to(x.dtype), x], dim=1)
-            stream_mask = torch.cat([conditioning.mask, torch.ones_like(x[:, conditioning.mask.shape[1]:, 0], dtype=torch.bool)], 1)
+            image = torch.ones_like(x[:, conditioning.mask.shape[1]:, 0], dtype=torch.bool)
+            stream_mask = torch.cat([conditioning.mask, image], 1)
         rope = self.rotary(z_t, leading=x.shape[1] - tokens.shape[1])
         for j, block in enumerate(self.blocks):
             inputs = {} if conditioning is None else conditioning.block_inputs(j)

@@ -8,13 +8,12 @@ the house `Block` (pre-norm, QK-norm, SwiGLU) with self-attention only: no conte
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
-
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..types import TowerGeometry, TowerStates
 from .blocks import Block
 from .embeddings import TimestepEmbedding
@@ -27,7 +26,8 @@ def routing_weights(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-2)  # (B, L, m, n)
 
 
-def select_top_k(weights: torch.Tensor, top_k: int, epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def select_top_k(weights: torch.Tensor, top_k: int, epsilon: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The eps-greedy top-k set I_j (§3.2) for every (sample, token, generation layer).
 
     With probability epsilon a decision takes k layers uniformly at random instead of the k
@@ -47,7 +47,8 @@ def _k_hot(indices: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.zeros_like(like, dtype=torch.bool).scatter(dim, indices, True)
 
 
-def aggregate(hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, renormalize: bool = False) -> torch.Tensor:
+def aggregate(hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor,
+              renormalize: bool = False) -> torch.Tensor:
     """Eq. 4: S_j = sum_{i in I_j} wbar_ij S_i, per context token. Returns (B, n, L, D_u).
 
     The paper's form keeps the Eq. 3 weights as they are (they need not sum to one over I_j);
@@ -121,4 +122,5 @@ def check_router_inputs(inputs: Sequence[str]) -> None:
     unknown = [name for name in inputs if name not in ROUTER_INPUTS]
     if unknown or "prompt" not in inputs or isinstance(inputs, str):
         raise ConfigError(f"router inputs: got {list(inputs) if not isinstance(inputs, str) else inputs!r}; allowed: "
-                         f"a list drawn from {list(ROUTER_INPUTS)} that includes 'prompt' (its tokens carry the routing)")
+                         f"a list drawn from {list(ROUTER_INPUTS)} that includes 'prompt' "
+                         "(its tokens carry the routing)")

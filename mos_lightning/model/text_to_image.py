@@ -80,7 +80,7 @@ class TextToImage(nn.Module):
 
         Inductor's pattern matcher is off for these regions: on CPU it rewrites the traced attention of the
         router's blocks into the flash kernel, whose backward made the compiled router slower than eager
-        (README, "Training throughput")."""
+        (docs/performance.md)."""
         for region in (*self.generation.blocks, *self.fusion.compiled_regions()):
             region.compile(dynamic=True, options={"pattern_matcher": False})
 

@@ -19,7 +19,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm = nn.RMSNorm(dim)
-        self.q, self.kv, self.out = nn.Linear(dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, dim)
+        self.q, self.kv = nn.Linear(dim, dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
         self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,8 +44,10 @@ class CrossAttentionFusion(Fusion):
         self.layer = understanding_layer(layer, geometry, "fusion.layer")
         width = geometry.generation_width
         self.proj = nn.Linear(geometry.understanding_width, width)
-        self.cross = nn.ModuleList(CrossAttention(width, heads or max(width // 32, 1)) for _ in range(geometry.generation_layers))
+        heads = heads or max(width // 32, 1)
+        self.cross = nn.ModuleList(CrossAttention(width, heads) for _ in range(geometry.generation_layers))
 
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> Conditioning:
         context = self.proj(states.hidden[:, self.layer].to(self.proj.weight.dtype))  # (B, L, D_g)
-        return Conditioning(states.mask, cross=[partial(layer, context=context, mask=states.mask) for layer in self.cross])
+        cross = [partial(layer, context=context, mask=states.mask) for layer in self.cross]
+        return Conditioning(states.mask, cross=cross)

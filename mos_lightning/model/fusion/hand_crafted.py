@@ -28,7 +28,8 @@ class HandCraftedFusion(Fusion):
         m, n = geometry.understanding_layers, geometry.generation_layers
         layers = evenly_spaced(m, n) if layers is None else list(layers)
         if len(layers) != n or not all(0 <= i < m for i in layers):
-            raise ConfigError(f"fusion.layers={layers}: need {n} indices (one per generation layer), each in 0..{m - 1}")
+            raise ConfigError(f"fusion.layers={layers}: need {n} indices (one per generation layer), "
+                              f"each in 0..{m - 1}")
         self.register_buffer("layers", torch.tensor(layers), persistent=False)
         self.proj = LayerProjections(n, geometry.understanding_width, geometry.generation_width)
 

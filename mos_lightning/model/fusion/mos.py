@@ -22,7 +22,7 @@ class MoSFusion(Fusion):
         epsilon: eps-greedy exploration probability in training (App. A: 0.05); eval uses 0.
         renormalize: rescale the selected weights to sum to one (not the paper's default).
         router_width, router_depth, router_heads: size of the lightweight router transformer. Two heads of 32 at
-            width 64: at the embedded size four heads of 16 made the router 11 % of a training step (README).
+            width 64: the softmax dominates the router's own cost, and fewer heads halve it (docs/performance.md).
         modality_norms: one RMSNorm per router input (App. B.2) rather than one shared.
     """
 
@@ -34,7 +34,8 @@ class MoSFusion(Fusion):
         super().__init__(geometry)
         m, n = self.routed_layers(geometry), geometry.generation_layers
         if not 1 <= top_k <= m:
-            raise ConfigError(f"fusion.top_k={top_k} is out of range: allowed 1..{m} (m, the understanding tower's states)")
+            raise ConfigError(f"fusion.top_k={top_k} is out of range: allowed 1..{m} "
+                              "(m, the understanding tower's states)")
         if not 0.0 <= epsilon <= 1.0:
             raise ConfigError(f"fusion.epsilon={epsilon} is out of range: allowed [0, 1]")
         self.top_k, self.epsilon, self.renormalize = top_k, epsilon, renormalize
@@ -91,5 +92,5 @@ class KeyValueMoSFusion(MoSFusion):
         kv = rearrange(states.keys_values, "b m two l d -> b m l (two d)")  # (B, m - 1, L, 2 D_kv)
         mixed = self.proj(aggregate(kv, routing.weights, routing.selected, self.renormalize))  # (B, n, L, 2 D_g)
         heads = self.geometry.generation_heads
-        return Conditioning(states.mask, context_kv=rearrange(mixed, "b n l (two h d) -> b n two h l d", two=2, h=heads),
-                            routing=routing)
+        context_kv = rearrange(mixed, "b n l (two h d) -> b n two h l d", two=2, h=heads)
+        return Conditioning(states.mask, context_kv=context_kv, routing=routing)

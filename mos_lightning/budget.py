@@ -1,0 +1,99 @@
+"""The work of a `fit` command in FLOPs, and its wall time predicted from this machine's matmul rate.
+
+A model forward is counted once, for one sample, by torch's FLOP counter (matmuls and attention); a training
+step is 3x the forward (forward + backward's two matmuls per weight). A step reaches only a fraction of the
+large-matmul peak (small matrices, softmax, norms, Python), so the prediction divides by `UTILISATION`,
+calibrated from benchmarks/main_command.py runs (benchmarks/results/). Progress lines then rescale the
+prediction by the speed they measure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Fraction of the matmul peak reached by a training step and by sampling/validation (no backward, batch 8-32).
+UTILISATION = {"train": 0.30, "inference": 0.20}
+
+
+def forward_flops(model, captions: list[str], images: torch.Tensor) -> float:
+    """FLOPs of one forward of the trainable path for these samples (the frozen tower is memoised, not counted)."""
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        states = model.states(captions)
+        z = model.autoencoder.encode(images)
+        t = torch.full((len(captions),), 0.5)
+        with FlopCounterMode(display=False) as counter:
+            model(z, t, states)
+    return counter.get_total_flops() / len(captions)
+
+
+@dataclass
+class ArmWork:
+    """What one arm computes: its training steps, and its validation and sampling forwards."""
+
+    steps: int
+    train_flops: float
+    inference_flops: float
+
+    def seconds(self, rate: float) -> float:
+        return (self.train_flops / UTILISATION["train"] + self.inference_flops / UTILISATION["inference"]) / rate
+
+
+@dataclass
+class Plan:
+    """The whole command: each arm's predicted seconds at `rate` FLOP/s, in the order the arms run."""
+
+    rate: float
+    arms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, work: ArmWork) -> None:
+        self.arms[name] = work.seconds(self.rate)
+
+    @property
+    def total(self) -> float:
+        return sum(self.arms.values())
+
+    def eta(self, arm: str, step: int, elapsed: float, steps: int) -> float:
+        """Seconds left in the command: the prediction for what is left, scaled by how this arm's measured
+        time so far compares with its prediction."""
+        done = min(step / max(steps, 1), 1.0)
+        speed = elapsed / max(done * self.arms[arm], 1e-9) if done > 0 else 1.0
+        names = list(self.arms)
+        later = sum(self.arms[n] for n in names[names.index(arm) + 1:])
+        return speed * ((1 - done) * self.arms[arm] + later)
+
+
+def arm_work(module, datamodule, trainer, callbacks) -> ArmWork:
+    """Count an arm's work from its built module, data and trainer settings (no step is run)."""
+    datamodule.setup("fit")
+    val = datamodule.val_dataloader()
+    val = (val[0] if val else None) if isinstance(val, list) else val  # no val split: []
+    images, captions = sample_inputs(datamodule.train_dataloader() if val is None else val, datamodule)
+    per_sample = forward_flops(module.model, captions, images)
+    steps = trainer.max_steps
+    validations = 1 + (steps // trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else 1)
+    sampled = sum(c.images_sampled(validations) for c in callbacks if hasattr(c, "images_sampled"))
+    per_image = module.sample_steps * (2 if module.cfg_scale != 1 else 1)
+    inference = per_sample * (validations * sized(val) * len(module.val_timesteps) + sampled * per_image)
+    return ArmWork(steps, 3 * per_sample * steps * datamodule.batch_size, inference)
+
+
+def sized(loader) -> int:
+    """Samples in a loader's dataset; 0 for none, or for a stream of unknown length (not counted)."""
+    try:
+        return len(loader.dataset) if loader is not None else 0
+    except TypeError:
+        return 0
+
+
+def sample_inputs(loader, datamodule) -> tuple[torch.Tensor, list[str]]:
+    """Two samples at the base image size, with real captions (their length sets the context length)."""
+    batch = next(iter(loader))
+    size = getattr(datamodule, "image_size", None) or tuple(batch.images.shape[-2:])
+    return torch.randn(2, batch.images.shape[1], *size), list(batch.captions[:2])
+
+
+def minutes(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
