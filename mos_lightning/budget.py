@@ -2,9 +2,10 @@
 
 A model forward is counted once, for one sample, by torch's FLOP counter (matmuls and attention); a training
 step is 3x the forward (forward + backward's two matmuls per weight). A step reaches only a fraction of the
-large-matmul peak (small matrices, softmax, norms, Python), so the prediction divides by `UTILISATION`,
-calibrated from benchmarks/main_command.py runs (benchmarks/results/). Progress lines then rescale the
-prediction by the speed they measure.
+large-matmul peak (small matrices, softmax, norms, Python), so the prediction divides by `UTILISATION`.
+What FLOPs do not show is added in seconds: the cold compile of the first arm (`model.compile`; later arms
+reuse inductor's cache) and each arm's set-up. The constants come from benchmarks/main_command.py runs
+(benchmarks/results/). Progress lines then rescale the prediction by the speed they measure.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Fraction of the matmul peak reached by a training step and by sampling/validation (no backward, batch 8-32).
-UTILISATION = {"train": 0.30, "inference": 0.20}
+# Fraction of the matmul peak reached by a training step and by validation and sampling (no backward).
+UTILISATION = {"train": 0.38, "inference": 0.20}
+COMPILE_S = 80.0  # a cold compile of the training and no-grad graphs on a 2-core CPU
+ARM_OVERHEAD_S = 10.0  # building the arm, loading the tower, checkpoints, event files
 
 
 def forward_flops(model, captions: list[str], images: torch.Tensor) -> float:
@@ -35,9 +38,11 @@ class ArmWork:
     steps: int
     train_flops: float
     inference_flops: float
+    compile_s: float = 0.0
 
     def seconds(self, rate: float) -> float:
-        return (self.train_flops / UTILISATION["train"] + self.inference_flops / UTILISATION["inference"]) / rate
+        flops = self.train_flops / UTILISATION["train"] + self.inference_flops / UTILISATION["inference"]
+        return flops / rate + self.compile_s + ARM_OVERHEAD_S
 
 
 @dataclass
@@ -64,8 +69,9 @@ class Plan:
         return speed * ((1 - done) * self.arms[arm] + later)
 
 
-def arm_work(module, datamodule, trainer, callbacks) -> ArmWork:
-    """Count an arm's work from its built module, data and trainer settings (no step is run)."""
+def arm_work(module, datamodule, trainer, callbacks, first: bool = True) -> ArmWork:
+    """Count an arm's work from its built module, data and trainer settings (no step is run); `first`: the
+    command's first arm, which pays the cold compile."""
     datamodule.setup("fit")
     val = datamodule.val_dataloader()
     val = (val[0] if val else None) if isinstance(val, list) else val  # no val split: []
@@ -76,7 +82,8 @@ def arm_work(module, datamodule, trainer, callbacks) -> ArmWork:
     sampled = sum(c.images_sampled(validations) for c in callbacks if hasattr(c, "images_sampled"))
     per_image = module.sample_steps * (2 if module.cfg_scale != 1 else 1)
     inference = per_sample * (validations * sized(val) * len(module.val_timesteps) + sampled * per_image)
-    return ArmWork(steps, 3 * per_sample * steps * datamodule.batch_size, inference)
+    compile_s = COMPILE_S if first and module.hparams.get("compile") else 0.0
+    return ArmWork(steps, 3 * per_sample * steps * datamodule.batch_size, inference, compile_s)
 
 
 def sized(loader) -> int:

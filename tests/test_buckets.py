@@ -201,7 +201,10 @@ def _take(sampler, k):
 def test_exact_mid_epoch_resume(rng):
     sizes, table = _random_sizes(rng, 400), _table(rng)
     seed, replicas = _randint(rng, 0, 10**6), _randint(rng, 1, 2)
-    make = lambda: BucketBatchSampler(sizes, 2, table, seed=seed, num_replicas=replicas, rank=replicas - 1)
+
+    def make():
+        return BucketBatchSampler(sizes, 2, table, seed=seed, num_replicas=replicas, rank=replicas - 1)
+
     for epoch in (0, 3):
         full = make()
         full.set_epoch(epoch)

@@ -1,5 +1,5 @@
-"""The understanding-tower cache: hits equal the tower, misses run it, a changed tower misses,
-half-written or damaged shards are never read."""
+"""The understanding-tower cache: a hit is, bit for bit, what the fill computed for that caption (alone, or in
+its fill batch), misses run the tower, a changed tower misses, half-written or damaged shards are never read."""
 from pathlib import Path
 
 import pytest
@@ -9,42 +9,78 @@ from mos_lightning.model.understanding import UnderstandingTower
 from mos_lightning.state_cache import StateCache, fill, tower_identity
 
 CAPTIONS = ["a red circle", "two blue squares", "a green cross above a white diamond"]
+# Every tower here names its dtype: the default ("auto") follows the hardware, and the dtype is part of the
+# cache's identity. The cache stores bf16 whatever the tower computes in.
+
+
+def _fill(root, dtype="bfloat16", batch_size=1) -> UnderstandingTower:
+    tower = UnderstandingTower(dtype=dtype)
+    cache = StateCache(root, tower_identity(tower))
+    assert fill(tower, CAPTIONS, cache, batch_size=batch_size) == 3
+    assert fill(tower, CAPTIONS, cache) == 0  # already there
+    return tower
+
+
+def _alone(tower, caption: str) -> torch.Tensor:
+    """(m, L_i, D) of one caption encoded by itself. A caption's states depend on what else is padded into
+    its batch (bf16: by up to 0.03 on valid tokens on an AVX2 CPU), so exact comparisons are alone vs alone."""
+    states = tower.encode([caption])
+    return states.hidden[0][:, states.mask[0]]
 
 
 @pytest.fixture
 def filled(tmp_path):
-    tower = UnderstandingTower()  # bf16, as cached
-    cache = StateCache(tmp_path, tower_identity(tower))
-    assert fill(tower, CAPTIONS, cache, batch_size=2) == 3
-    assert fill(tower, CAPTIONS, cache) == 0  # already there
-    return tmp_path, tower
+    """A bf16 cache of CAPTIONS filled one caption per batch: each cached caption is its alone-encoding."""
+    return tmp_path, _fill(tmp_path)
 
 
-def test_hits_equal_the_tower_and_skip_it(filled, monkeypatch):
-    root, direct = filled
-    cached = UnderstandingTower(cache_dir=str(root))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_hits_equal_the_tower_and_skip_it(tmp_path, monkeypatch, dtype):
+    direct = _fill(tmp_path, dtype)
+    cached = UnderstandingTower(dtype=dtype, cache_dir=str(tmp_path))
     monkeypatch.setattr(cached, "encode", lambda captions: pytest.fail("the tower ran on a cache hit"))
-    got, want = cached(CAPTIONS[::-1]), direct.encode(CAPTIONS[::-1])
-    assert torch.equal(got.mask, want.mask)
-    keep = want.mask[:, None, :, None]
-    assert torch.equal(got.hidden * keep, want.hidden * keep)
+    captions = CAPTIONS[::-1]  # one padded batch, unlike any batch the fill encoded
+    got = cached(captions)
+    assert (cached.cache_hits, cached.cache_misses) == (3, 0)
+    for b, caption in enumerate(captions):
+        # bit for bit on the valid tokens; a float32 tower reads the bf16 it wrote, cast back
+        want = _alone(direct, caption).to(torch.bfloat16).to(getattr(torch, dtype))
+        n = want.shape[1]
+        assert got.hidden.dtype == want.dtype and got.mask[b].tolist() == [True] * n + [False] * (len(got.mask[b]) - n)
+        assert torch.equal(got.hidden[b, :, :n], want), caption
+        assert not got.hidden[b, :, n:].any()  # padding is zeros
+
+
+def test_a_batched_fill_stores_what_the_tower_computed_for_that_batch(tmp_path):
+    """fill(batch_size=2): one shard per batch, and each hit is its fill batch's encoding, bit for bit (the
+    cache stores what the tower computed; it is the padding of the fill batch that shaped those states)."""
+    direct = _fill(tmp_path, batch_size=2)
+    assert len(list((tmp_path / tower_identity(direct)).glob("shard-*.safetensors"))) == 2
+    cached = UnderstandingTower(dtype="bfloat16", cache_dir=str(tmp_path))
+    for chunk in (CAPTIONS[:2], CAPTIONS[2:]):  # as fill batched them, in order
+        got, want = cached(chunk), direct.encode(chunk)
+        assert torch.equal(got.mask, want.mask)
+        keep = want.mask[:, None, :, None]
+        assert torch.equal(got.hidden * keep, want.hidden * keep)
     assert (cached.cache_hits, cached.cache_misses) == (3, 0)
 
 
 def test_miss_runs_the_tower(filled):
     root, direct = filled
-    cached = UnderstandingTower(cache_dir=str(root))
-    states = cached(["a purple triangle", CAPTIONS[0]])
+    cached = UnderstandingTower(dtype="bfloat16", cache_dir=str(root))
+    captions = ["a purple triangle", CAPTIONS[0]]
+    states = cached(captions)
     assert (cached.cache_hits, cached.cache_misses) == (1, 1)
-    want = direct.encode(["a purple triangle"])
-    n = int(want.mask.sum())
-    assert torch.equal(states.hidden[0, :, :n], want.hidden[0, :, :n])
+    for b, caption in enumerate(captions):  # the one miss is encoded alone; the hit was filled alone
+        want = _alone(direct, caption)
+        assert torch.equal(states.hidden[b, :, :want.shape[1]], want), caption
 
 
 def test_a_changed_tower_misses(filled):
     root, tower = filled
-    for changed in (UnderstandingTower(cache_dir=str(root), num_layers=3),
-                    UnderstandingTower(cache_dir=str(root), max_length=8)):
+    for changed in (UnderstandingTower(dtype="bfloat16", cache_dir=str(root), num_layers=3),
+                    UnderstandingTower(dtype="bfloat16", cache_dir=str(root), max_length=8),
+                    UnderstandingTower(dtype="float32", cache_dir=str(root))):
         assert tower_identity(changed) != tower_identity(tower)
         changed(CAPTIONS)
         assert (changed.cache_hits, changed.cache_misses) == (0, 3)
@@ -64,7 +100,8 @@ def test_cache_subcommand_then_fit_reads_it(tmp_path):
     from mos_lightning.cli import cli_main
 
     root = Path(__file__).resolve().parents[1]
-    configs = ["--config", str(root / "experiments" / "router_inputs.yaml"), "--config", str(root / "tests" / "tiny.yaml")]
+    configs = ["--config", str(root / "experiments" / "router_inputs.yaml"),
+               "--config", str(root / "tests" / "tiny.yaml")]
     report = cli_main(["cache", *configs, "--cache_dir", str(tmp_path / "cache")])
     assert report["written"] == report["captions"] == report["cached"] > 0
     rows = cli_main(["fit", *configs, "--arm", "prompt", f"--trainer.logger.init_args.save_dir={tmp_path}",

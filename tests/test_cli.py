@@ -18,14 +18,8 @@ def fit(tmp_path, *extra):
                      f"--trainer.logger.init_args.save_dir={tmp_path}", *extra])
 
 
-@pytest.fixture(scope="module")
-def router_inputs_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runs")
-    return tmp, fit(tmp)
-
-
-def test_fit_trains_every_arm_and_writes_the_table(router_inputs_run, capsys):
-    tmp, rows = router_inputs_run
+def test_fit_trains_every_arm_and_writes_the_table(router_inputs_run):
+    tmp, rows, printed = router_inputs_run  # conftest.py: the session's one tiny fit of every arm
     assert [r["arm"] for r in rows] == ["prompt", "prompt_latent", "prompt_latent_timestep"]
     base = tmp / "router_inputs"
     for row in rows:
@@ -39,6 +33,7 @@ def test_fit_trains_every_arm_and_writes_the_table(router_inputs_run, capsys):
     assert [r["arm"] for r in table] == [r["arm"] for r in rows]
     assert float(table[0]["val/loss"]) == pytest.approx(rows[0]["val/loss"])
     assert "| prompt_latent |" in (base / "results.md").read_text()
+    assert (base / "results.md").read_text().strip() in printed  # the table printed at the end is the one written
     # arms differ in trainable parameters exactly by what the router inputs add
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
 
@@ -46,9 +41,10 @@ def test_fit_trains_every_arm_and_writes_the_table(router_inputs_run, capsys):
 def test_sample_subcommand_writes_pngs(router_inputs_run, tmp_path):
     from PIL import Image
 
-    runs, _ = router_inputs_run
+    runs, _, _ = router_inputs_run
     out = tmp_path / "samples"
-    paths = cli_main(["sample", "--run", str(runs / "router_inputs" / "prompt"), "--prompts", '["a red circle", "two blue squares"]',
+    paths = cli_main(["sample", "--run", str(runs / "router_inputs" / "prompt"),
+                      "--prompts", '["a red circle", "two blue squares"]',
                       "--out", str(out), "--steps", "2", "--image_size", "[16, 24]"])
     assert [p.name for p in paths] == ["000_a_red_circle.png", "001_two_blue_squares.png", "grid.png"]
     assert Image.open(paths[0]).size == (24, 16)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -75,7 +74,7 @@ def test_folder_with_buckets_trains(tmp_path, np_rng, capsys):
 
 
 def test_manifest_and_mjhq_train(tmp_path, np_rng):
-    folder = make_folder(tmp_path / "imgs", np_rng, n=8)
+    make_folder(tmp_path / "imgs", np_rng, n=8)  # the images the manifest names
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("\n".join(json.dumps({"image": f"imgs/{i:03d}.png", "caption": f"a blue square {i}"})
                                   for i in range(8)) + "\n{broken\n")
@@ -108,7 +107,8 @@ def test_shards_stream_and_train(tmp_path, np_rng):
                 info.size = len(payload)
                 tar.addfile(info, BytesIO(payload))
     data = {"class_path": "mos_lightning.data.ImageCaptionDataModule",
-            "init_args": {"train": source("ShardDataset", urls=str(shard), image_size=32), "val": None, "batch_size": 2}}
+            "init_args": {"train": source("ShardDataset", urls=str(shard), image_size=32), "val": None,
+                          "batch_size": 2}}
     rows = fit(tmp_path, data, "--trainer.limit_val_batches=0")
     assert rows[0]["steps"] == 2
 
@@ -141,6 +141,7 @@ def test_bucket_not_divisible_by_patch_is_a_clear_error(tmp_path, np_rng, capsys
     assert stop.value.code == 2 and "not divisible by model.generation.patch_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the packaged base config's data: a 20000-sample bucketed set
 def test_default_run_trains_on_several_aspect_ratios(tmp_path):
     from mos_lightning.cli import MoSCLI
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.evaluation import Evaluation
+from mos_lightning.callbacks.evaluation import Evaluation
 from mos_lightning.cli import cli_main
 from mos_lightning.data.shapes import CATEGORIES
 from mos_lightning.evaluation.prompts import MJHQPrompts, ShapesPrompts
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit(tmp_path: Path, evaluation: dict, *extra: str) -> list[dict]:
-    overlay = {"trainer": {"callbacks": [{"class_path": "callbacks.Evaluation", "init_args": evaluation}]}}
+    callback = {"class_path": "mos_lightning.callbacks.Evaluation", "init_args": evaluation}
+    overlay = {"trainer": {"callbacks": [callback]}}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(overlay))
     return cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config",
                      str(ROOT / "tests" / "tiny.yaml"), "--config", str(tmp_path / "eval.yaml"), "--arm", "prompt",
@@ -26,7 +27,7 @@ def test_reference_images_score_as_perfect():
     """The scorer on the prompt set's own renders: FID ~ 0, ShapesEval 1, CLIP above shuffled captions."""
     evaluation = Evaluation(ShapesPrompts(per_category=6))
     evaluation.eval_set = evaluation.prompts.build((32, 32))
-    from callbacks.evaluation import cached_clip, cached_fid
+    from mos_lightning.callbacks.evaluation import cached_clip, cached_fid
     from mos_lightning.evaluation.clip import mean_clip_score
 
     evaluation.clip = cached_clip("shapes-clip", None)
@@ -56,7 +57,8 @@ def test_fit_logs_fid_clip_and_shapes_eval_per_arm(tmp_path):
     settings = record["fid"]["settings"]
     for key in ("cfg", "steps", "seed", "precision"):
         assert settings[key] is not None, key
-    assert record["count"] == record["fid"]["settings"]["num_samples"] == 18 and record["metrics"]["val/fid"] == pytest.approx(row["val/fid"])
+    assert record["count"] == record["fid"]["settings"]["num_samples"] == 18
+    assert record["metrics"]["val/fid"] == pytest.approx(row["val/fid"])
 
 
 @pytest.mark.parametrize("evaluation, message", [

@@ -55,8 +55,13 @@ SYMMETRIC = ["--model.understanding.init_args.num_layers=2", "--model.generation
              "--model.generation.init_args.depth=2", "--model.generation.init_args.heads=12"]
 
 
-@pytest.mark.parametrize("name, extra", [("fusion", []), ("layer_selection", []), ("prediction_granularity", []),
-                                         ("operation_space", []), ("mot_vs_mos", SYMMETRIC)], ids=lambda v: str(v)[:24])
+SLOW = pytest.mark.slow  # over ~5 s: the most arms (fusion), or a 384-wide generation tower (MoT)
+
+
+@pytest.mark.parametrize("name, extra", [pytest.param("fusion", [], marks=SLOW), ("layer_selection", []),
+                                         ("prediction_granularity", []), ("operation_space", []),
+                                         pytest.param("mot_vs_mos", SYMMETRIC, marks=SLOW)],
+                         ids=lambda v: str(v)[:24])
 def test_every_strategy_trains_through_the_cli(tmp_path, name, extra):
     from mos_lightning.cli import cli_main
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from mos_lightning.errors import ConfigError
-from mos_lightning.flow import (LogitNormal, ModeSampling, flow_loss, interpolate, shift_timesteps, velocity_from_data,
-                                velocity_target)
+from mos_lightning.flow import (
+    LogitNormal,
+    ModeSampling,
+    flow_loss,
+    interpolate,
+    shift_timesteps,
+    velocity_from_data,
+    velocity_target,
+)
 from mos_lightning.lit import warmup_cosine
 from mos_lightning.sampling import classifier_free, euler, timestep_schedule
 

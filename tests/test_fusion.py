@@ -3,8 +3,13 @@ import pytest
 import torch
 
 from mos_lightning.errors import ConfigError
-from mos_lightning.model.fusion import (CrossAttentionFusion, HandCraftedFusion, MoSFusion, SampleWiseMoSFusion,
-                                        SelfAttentionFusion)
+from mos_lightning.model.fusion import (
+    CrossAttentionFusion,
+    HandCraftedFusion,
+    MoSFusion,
+    SampleWiseMoSFusion,
+    SelfAttentionFusion,
+)
 from mos_lightning.model.fusion.hand_crafted import evenly_spaced
 from mos_lightning.model.generation import GenerationTower
 from mos_lightning.model.router import aggregate
@@ -137,8 +142,9 @@ def test_tower_keys_values_are_its_own_attention_projections(minilm):
     assert states.keys_values.shape[:3] == (2, len(layers), 2)
     for i, layer in enumerate(layers):  # layer i reads hidden state i
         attention = layer.attention.self
-        torch.testing.assert_close(states.keys_values[:, i, 0], attention.key(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(states.keys_values[:, i, 1], attention.value(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
+        keys, values = states.keys_values[:, i].unbind(1)
+        torch.testing.assert_close(keys, attention.key(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(values, attention.value(states.hidden[:, i]), rtol=1e-4, atol=1e-4)
 
 
 def test_decoder_keys_values(tiny_llama_path):
@@ -197,9 +203,10 @@ def test_key_value_routing_against_reference(rng):
     w = out.routing.weights.detach()
     assert w.shape[-2:] == (4, 4)  # routes among the 4 layers that have K/V
     sel = select_top_k(w, 2, 0.0)
-    b, l, j = 1, 3, 2  # one (sample, token, block), by hand
-    mixed = sum(w[b, l, i, j] * torch.cat([kv[b, i, 0, l], kv[b, i, 1, l]]) for i in range(4) if sel[b, l, i, j])
+    b, tok, j = 1, 3, 2  # one (sample, token, block), by hand
+    mixed = sum(w[b, tok, i, j] * torch.cat([kv[b, i, 0, tok], kv[b, i, 1, tok]])
+                for i in range(4) if sel[b, tok, i, j])
     expected = mixed @ fusion.proj.weight[j] + fusion.proj.bias[j]  # (2 * D_g)
     k, v = out.block_inputs(j)["context_kv"]
-    got = torch.cat([k[b, :, l].flatten(), v[b, :, l].flatten()])
+    got = torch.cat([k[b, :, tok].flatten(), v[b, :, tok].flatten()])
     torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)

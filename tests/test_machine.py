@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mos_lightning import machine
+from mos_lightning import budget, machine
 from mos_lightning.budget import ArmWork, Plan, forward_flops
 from mos_lightning.cli import MoSCLI
 
@@ -76,11 +76,13 @@ def test_counted_flops_equal_the_hand_formula():
     assert counted == pytest.approx(training_flops(model, two, model.states(two.captions)), rel=1e-3)
 
 
-def test_plan_scales_what_is_left_by_the_measured_speed():
+def test_plan_scales_what_is_left_by_the_measured_speed(monkeypatch):
+    monkeypatch.setattr(budget, "UTILISATION", {"train": 0.3, "inference": 0.2})
+    monkeypatch.setattr(budget, "ARM_OVERHEAD_S", 5.0)
     plan = Plan(rate=1e9)
-    plan.add("a", ArmWork(steps=100, train_flops=30e9, inference_flops=0.0))  # 30e9 / 0.3 / 1e9 = 100 s
-    plan.add("b", ArmWork(steps=100, train_flops=0.0, inference_flops=40e9))  # 40e9 / 0.2 / 1e9 = 200 s
-    assert plan.arms == pytest.approx({"a": 100.0, "b": 200.0}) and plan.total == pytest.approx(300.0)
-    # half of arm a done in 100 s, where 50 s were predicted: everything left takes twice as long
-    assert plan.eta("a", 50, 100.0, 100) == pytest.approx(2 * (50 + 200))
+    plan.add("a", ArmWork(steps=100, train_flops=30e9, inference_flops=0.0, compile_s=20.0))  # 30e9/0.3/1e9 = 100 s
+    plan.add("b", ArmWork(steps=100, train_flops=0.0, inference_flops=39e9))  # 39e9 / 0.2 / 1e9 = 195 s
+    assert plan.arms == pytest.approx({"a": 125.0, "b": 200.0}) and plan.total == pytest.approx(325.0)
+    # half of arm a done in 125 s, where 62.5 s were predicted: everything left takes twice as long
+    assert plan.eta("a", 50, 125.0, 100) == pytest.approx(2 * (62.5 + 200))
     assert plan.eta("b", 100, 150.0, 100) == pytest.approx(0.0)

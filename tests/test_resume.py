@@ -1,5 +1,6 @@
 """`fit --ckpt_path` from a mid-epoch checkpoint continues exactly as the uninterrupted run: same batches
 (the sampler's position is in the checkpoint) and same losses (training randomness is keyed by step)."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,14 +13,23 @@ from mos_lightning.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def sample_key(image, caption: str) -> str:
+    """What tells one sample from another: its caption and its pixels. Captions alone repeat (the shapes
+    domain draws "a cross" for many samples), and the batch does not carry dataset indices."""
+    pixels = image.detach().to("cpu", dtype=image.dtype).contiguous().numpy().tobytes()
+    return f"{caption}|{hashlib.sha1(pixels).hexdigest()}"
+
+
 class BatchRecorder(L.Callback):
-    """Appends (step, captions, shape, loss) of every training batch to a JSONL file; ranks > 0 to .rankN."""
+    """Appends (step, epoch, captions, sample keys, shape, loss) of every training batch to a JSONL file;
+    ranks > 0 to .rankN."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = {"step": trainer.global_step - 1, "epoch": trainer.current_epoch, "captions": batch.captions,
+               "samples": [sample_key(image, caption) for image, caption in zip(batch.images, batch.captions)],
                "shape": list(batch.images.shape[-2:]), "loss": float(outputs["loss"]),
                "arm": trainer.logger.version if trainer.logger else None}
         rank = trainer.global_rank
@@ -58,6 +68,7 @@ BUCKETS = {"class_path": "mos_lightning.data.ImageCaptionDataModule",
                          "batch_size": 4, "bucket_base": 32, "bucket_multiple": 8}}
 
 
+@pytest.mark.slow  # two 12-step fits and two resumes
 @pytest.mark.parametrize("data", [SHAPES, BUCKETS], ids=["shapes", "buckets"])
 def test_resume_mid_epoch_sees_the_uninterrupted_batches_and_losses(tmp_path, data):
     full = _fit(tmp_path, tmp_path / "full.jsonl", data)

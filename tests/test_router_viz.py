@@ -10,10 +10,10 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.router_viz import RouterFigures
 from mos_lightning.analysis import figures as F
 from mos_lightning.analysis import routing as R
 from mos_lightning.analysis.trace import trace
+from mos_lightning.callbacks.router_viz import RouterFigures
 from mos_lightning.cli import cli_main
 from mos_lightning.lit import MoSModule
 from mos_lightning.model.generation import GenerationTower
@@ -44,18 +44,18 @@ def arrays(r: Routing):
 
 
 def real(mask, b):
-    return [l for l in range(mask.shape[1]) if mask[b, l]]
+    return [tok for tok in range(mask.shape[1]) if mask[b, tok]]
 
 
 def ref_per_prompt(routings, value, sample):
-    """Hand loop: value(arrays, b, l, j) -> (m,)-vector or scalar, averaged over real tokens and
+    """Hand loop: value(arrays, b, tok, j) -> (m,)-vector or scalar, averaged over real tokens and
     generation layers per prompt, then prompt `sample` or the mean over prompts; one row per step."""
     rows = []
     for r in routings:
         a = arrays(r)
         per_prompt = []
         for b in range(B):
-            total = sum(value(a, b, l, j) for l in real(a[3], b) for j in range(N))
+            total = sum(value(a, b, tok, j) for tok in real(a[3], b) for j in range(N))
             per_prompt.append(np.asarray(total, dtype=np.float64) / (len(real(a[3], b)) * N))
         rows.append(np.mean(per_prompt, axis=0) if sample is None else per_prompt[sample])
     return np.array(rows)
@@ -69,19 +69,19 @@ def ref_entropy(logits_column):
 
 
 def ref_pair_map(routings, value, sample):
-    """(m, n): value(arrays, b, l, i, j) averaged over real tokens per prompt and step, then prompts, then steps."""
+    """(m, n): value(arrays, b, tok, i, j) averaged over real tokens per prompt and step, then prompts, then steps."""
     steps = []
     for r in routings:
         a = arrays(r)
         per_prompt = np.zeros((B, M, N))
         for b, i, j in itertools.product(range(B), range(M), range(N)):
             tokens = real(a[3], b)
-            per_prompt[b, i, j] = sum(value(a, b, l, i, j) for l in tokens) / len(tokens)
+            per_prompt[b, i, j] = sum(value(a, b, tok, i, j) for tok in tokens) / len(tokens)
         steps.append(per_prompt.mean(0) if sample is None else per_prompt[sample])
     return np.mean(steps, axis=0)
 
 
-ROUTED = lambda a, b, l, j: np.array([a[1][b, l, i, j] * a[2][b, l, i, j] for i in range(M)])  # noqa: E731
+ROUTED = lambda a, b, tok, j: np.array([a[1][b, tok, i, j] * a[2][b, tok, i, j] for i in range(M)])  # noqa: E731
 
 
 @pytest.mark.parametrize("sample", [None, 1])
@@ -96,16 +96,17 @@ def test_token_routing_keeps_real_tokens_in_order(rng):
     routings = random_routings(rng)
     step, b = 2, 1
     _, w, sel, mask = arrays(routings[step])
-    expected = [[sum(w[b, l, i, j] * sel[b, l, i, j] for j in range(N)) / N for i in range(M)] for l in real(mask, b)]
+    expected = [[sum(w[b, tok, i, j] * sel[b, tok, i, j] for j in range(N)) / N for i in range(M)]
+                for tok in real(mask, b)]
     got = R.token_routing(routings, step, b)
     assert got.shape == (len(real(mask, b)), M)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind, value", [
-    ("weights", lambda a, b, l, i, j: a[1][b, l, i, j]),
-    ("routed", lambda a, b, l, i, j: a[1][b, l, i, j] * a[2][b, l, i, j]),
-    ("logits", lambda a, b, l, i, j: a[0][b, l, i, j]),
+    ("weights", lambda a, b, tok, i, j: a[1][b, tok, i, j]),
+    ("routed", lambda a, b, tok, i, j: a[1][b, tok, i, j] * a[2][b, tok, i, j]),
+    ("logits", lambda a, b, tok, i, j: a[0][b, tok, i, j]),
 ])
 @pytest.mark.parametrize("sample", [None, 0])
 def test_affinity(rng, kind, value, sample):
@@ -119,8 +120,8 @@ def test_affinity(rng, kind, value, sample):
 @pytest.mark.parametrize("sample", [None, 2])
 def test_entropy_and_sparsity_per_step(rng, sample):
     routings = random_routings(rng)
-    entropy = ref_per_prompt(routings, lambda a, b, l, j: ref_entropy(a[0][b, l, :, j]), sample)
-    mass = ref_per_prompt(routings, lambda a, b, l, j: sum(ROUTED(a, b, l, j)), sample)  # over the m layers
+    entropy = ref_per_prompt(routings, lambda a, b, tok, j: ref_entropy(a[0][b, tok, :, j]), sample)
+    mass = ref_per_prompt(routings, lambda a, b, tok, j: sum(ROUTED(a, b, tok, j)), sample)  # over the m layers
     np.testing.assert_allclose(R.routing_entropy(routings, sample).numpy(), entropy, rtol=1e-9)
     np.testing.assert_allclose(R.sparsity(routings, sample).numpy(), mass, rtol=1e-6)
     assert (R.routing_entropy(routings) <= math.log(M) + 1e-9).all()
@@ -137,7 +138,7 @@ def test_greedy_top_k_holds_at_least_k_over_m_of_the_mass(rng):
 def test_selection_frequency(rng, sample):
     routings = random_routings(rng)
     got = R.selection_frequency(routings, sample)
-    expected = ref_pair_map(routings, lambda a, b, l, i, j: float(a[2][b, l, i, j]), sample)
+    expected = ref_pair_map(routings, lambda a, b, tok, i, j: float(a[2][b, tok, i, j]), sample)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
     np.testing.assert_allclose(got.sum(0).numpy(), K)  # every decision picks k layers
     np.testing.assert_allclose(R.layer_selection_frequency(routings, sample).numpy(), got.mean(1).numpy())
@@ -148,7 +149,7 @@ def test_arm_difference(rng):
     diff = R.arm_difference(a, b)
     np.testing.assert_allclose(diff["contribution"].numpy(),
                                ref_per_prompt(a, ROUTED, None) - ref_per_prompt(b, ROUTED, None), rtol=1e-5, atol=1e-7)
-    freq = lambda x, b_, l, i, j: float(x[2][b_, l, i, j])  # noqa: E731
+    freq = lambda x, b_, tok, i, j: float(x[2][b_, tok, i, j])  # noqa: E731
     np.testing.assert_allclose(diff["selection_frequency"].numpy(),
                                ref_pair_map(a, freq, None) - ref_pair_map(b, freq, None), atol=1e-12)
     with pytest.raises(ValueError, match="cannot compare"):
@@ -158,7 +159,7 @@ def test_arm_difference(rng):
 def test_summary_scalars(rng):
     routings = random_routings(rng)
     scalars = R.summary_scalars(routings)
-    entropy = ref_per_prompt(routings, lambda a, b, l, j: ref_entropy(a[0][b, l, :, j]), None)
+    entropy = ref_per_prompt(routings, lambda a, b, tok, j: ref_entropy(a[0][b, tok, :, j]), None)
     assert scalars["router/entropy"] == pytest.approx(entropy.mean())
     layers = [scalars[f"router/selection_freq/layer_{i}"] for i in range(M)]
     assert sum(layers) == pytest.approx(K) and len(scalars) == M + 2
@@ -174,7 +175,7 @@ def test_figures_are_labelled(rng):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1.00", "0.75", "0.50", "0.25"]
     ax = F.layer_pair_figure(R.selection_frequency(routings), "f").axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("generation layer j", "understanding layer i")
-    tokens = [[f"tok{l}" for l in real(routings[0].mask.numpy(), b)] for b in range(2)]
+    tokens = [[f"tok{tok}" for tok in real(routings[0].mask.numpy(), b)] for b in range(2)]
     fig = F.token_figure([R.token_routing(routings, 0, b) for b in range(2)], tokens, ["p0", "p1"])
     panels = [a for a in fig.axes if a.get_ylabel() == "token"]
     assert [[t.get_text() for t in a.get_yticklabels()] for a in panels] == tokens
@@ -215,7 +216,7 @@ def test_callback_skips_the_sanity_check():
 def fit_with_router_figures(tmp_path, experiment, arm):
     overlay = tmp_path / "router_figures.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "callbacks.router_viz.RouterFigures",
+        "class_path": "mos_lightning.callbacks.router_viz.RouterFigures",
         "init_args": {"prompts": ["a red circle", "two blue squares"], "steps": 3}}]}}))
     cli_main(["fit", "--config", str(ROOT / "experiments" / experiment), "--config", TINY, "--config", str(overlay),
               "--arm", arm, f"--trainer.logger.init_args.save_dir={tmp_path}"])
@@ -223,6 +224,7 @@ def fit_with_router_figures(tmp_path, experiment, arm):
     return events.Reload().Tags()
 
 
+@pytest.mark.slow  # a fit with the RouterFigures callback
 def test_callback_logs_router_figures_and_scalars_in_a_tiny_fit(tmp_path):
     tags = fit_with_router_figures(tmp_path, "router_inputs.yaml", "prompt_latent_timestep")
     for name in ("contribution", "tokens", "affinity", "selection_frequency", "entropy", "trajectory"):

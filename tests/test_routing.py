@@ -20,17 +20,17 @@ def reference_weights(logits):
 
 def reference_top_k(weights, k):
     sel = np.zeros(weights.shape, dtype=bool)
-    for b, l, j in itertools.product(*map(range, (weights.shape[0], weights.shape[1], weights.shape[3]))):
-        sel[b, l, np.argsort(-weights[b, l, :, j])[:k], j] = True
+    for b, tok, j in itertools.product(*map(range, (weights.shape[0], weights.shape[1], weights.shape[3]))):
+        sel[b, tok, np.argsort(-weights[b, tok, :, j])[:k], j] = True
     return sel
 
 
 def reference_aggregate(hidden, weights, sel):
     out = np.zeros((hidden.shape[0], weights.shape[3], hidden.shape[2], hidden.shape[3]))
-    for b, j, l in itertools.product(range(hidden.shape[0]), range(weights.shape[3]), range(hidden.shape[2])):
+    for b, j, tok in itertools.product(range(hidden.shape[0]), range(weights.shape[3]), range(hidden.shape[2])):
         for i in range(hidden.shape[1]):
-            if sel[b, l, i, j]:
-                out[b, j, l] += weights[b, l, i, j] * hidden[b, i, l]
+            if sel[b, tok, i, j]:
+                out[b, j, tok] += weights[b, tok, i, j] * hidden[b, i, tok]
     return out
 
 

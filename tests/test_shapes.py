@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mos_lightning.data import CATEGORIES, ShapesDataModule, ShapesDataset, collate
-from mos_lightning.data import shapes
+from mos_lightning.data import CATEGORIES, ShapesDataModule, ShapesDataset, collate, shapes
 from mos_lightning.types import Batch
 
 try:

@@ -11,8 +11,16 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from mos_lightning.data.shapes import (CATEGORIES, COLOURS, SHAPES, VAL_SEED_OFFSET, caption, render, scene_for,
-                                       to_tensor)
+from mos_lightning.data.shapes import (
+    CATEGORIES,
+    COLOURS,
+    SHAPES,
+    VAL_SEED_OFFSET,
+    caption,
+    render,
+    scene_for,
+    to_tensor,
+)
 from mos_lightning.evaluation import shapes_eval as se
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}

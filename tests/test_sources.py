@@ -236,7 +236,8 @@ def bucketed_shards(tmp_path, nprng, n=30) -> tuple[list[str], dict[str, tuple[i
         for k in range(n // 2):
             h, w = (int(v) for v in nprng.integers(12, 80, 2))
             text = f"sample {s}-{k}"
-            members[f"k{k:03d}.png"], members[f"k{k:03d}.txt"] = encode(Image.fromarray(rgb(nprng, h, w)), "PNG"), text.encode()
+            members[f"k{k:03d}.png"] = encode(Image.fromarray(rgb(nprng, h, w)), "PNG")
+            members[f"k{k:03d}.txt"] = text.encode()
             sizes[text] = (h, w)
         urls.append(str(tmp_path / f"b-{s:03d}.tar"))
         write_shard(urls[-1], members)

@@ -10,24 +10,24 @@ from mos_lightning.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    rows = cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config",
-                     str(ROOT / "tests" / "tiny.yaml"), f"--trainer.logger.init_args.save_dir={out}"])
-    return out / "router_inputs", rows
+@pytest.fixture
+def ablation(router_inputs_run):
+    """The session's one tiny fit of every arm of router_inputs.yaml (conftest.py)."""
+    return router_inputs_run.runs / "router_inputs", router_inputs_run.rows, router_inputs_run.printed
 
 
 def test_table_rebuilt_from_event_files_matches_the_printed_one(ablation, capsys):
-    folder, rows = ablation
-    printed = (folder / "results.md").read_text().strip()
+    folder, rows, printed_by_fit = ablation
+    written = (folder / "results.md").read_text().strip()
+    assert written in printed_by_fit  # what fit printed is what it wrote
     capsys.readouterr()
-    assert cli_main(["table", str(folder)]).strip() == printed
-    assert [line.split("|")[1].strip() for line in printed.splitlines()[2:]] == [r["arm"] for r in rows]
+    rebuilt = cli_main(["table", str(folder)]).strip()
+    assert rebuilt == written and rebuilt in capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in written.splitlines()[2:]] == [r["arm"] for r in rows]
 
 
 def test_each_arm_logs_hparams_with_its_final_metrics(ablation):
-    folder, rows = ablation
+    folder, rows, _ = ablation
     for row in rows:
         events = EventAccumulator(str(folder / row["arm"]), size_guidance={"tensors": 0})
         events.Reload()

@@ -41,7 +41,7 @@ def make_plan(args: list[str], arms: dict[str, dict], experiment: dict) -> Plan:
         check_image_size(cli.model, cli.datamodule)  # a clear error before a forward fails on the size
         if plan is None:
             plan = Plan(measure_rate(cli.trainer))
-        plan.add(name, arm_work(cli.model, cli.datamodule, cli.trainer, cli.trainer.callbacks))
+        plan.add(name, arm_work(cli.model, cli.datamodule, cli.trainer, cli.trainer.callbacks, not plan.arms))
     each = ", ".join(f"{name} {minutes(seconds)}" for name, seconds in plan.arms.items())
     print(f"predicted wall time: {minutes(plan.total)} for {len(plan.arms)} arm(s) ({each})", file=sys.stderr)
     return plan

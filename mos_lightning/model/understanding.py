@@ -143,11 +143,6 @@ class UnderstandingTower(nn.Module):
     def cache_misses(self) -> int:
         return self.store.cache_misses
 
-    @property
-    def _memo(self):
-        """The memo this tower reads (tests/test_model.py inspects it; new code reads `store.memo`)."""
-        return self.store.memo
-
 
 def _kv_pair(layer: nn.Module) -> list[nn.Module]:
     found = {name.rsplit(".", 1)[-1]: module for name, module in layer.named_modules()}
