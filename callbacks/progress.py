@@ -26,7 +26,7 @@ class StepProgress(RichProgressBar):
         self.plain = not sys.stderr.isatty()
         if self.plain:
             self.disable()
-        self._last_time = self._last_step = None
+        self._last_time = self._last_step = self._first = None
         self._paused = 0.0  # seconds spent outside training steps since the last line (validation, sampling)
 
     def _get_train_description(self, current_epoch: int) -> str:
@@ -34,8 +34,8 @@ class StepProgress(RichProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._last_time = self._train_start = time.perf_counter()
-        self._last_step, self._paused = trainer.global_step, 0.0
+        self._last_time, self._last_step = time.perf_counter(), trainer.global_step
+        self._paused, self._first = 0.0, None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         super().on_validation_start(trainer, pl_module)
@@ -55,16 +55,20 @@ class StepProgress(RichProgressBar):
         print(self.line(step, total, trainer.callback_metrics.get("train/loss")), file=sys.stderr, flush=True)
 
     def line(self, step: int, total: int, loss, now: float | None = None) -> str:
+        """Speeds and ETAs count from the first line on: the first step's time is mostly compiling."""
         now = time.perf_counter() if now is None else now
         rate = (step - self._last_step) / max(now - self._last_time - self._paused, 1e-9)
+        first = self._first is None
+        if first:
+            self._first = (step, now)
         self._last_time, self._last_step, self._paused = now, step, 0.0
-        left = max(total - step, 0) / max(rate, 1e-9)
-        label = f"[{self.arm}]" if self.arm else "[train]"
-        text = f"{label} step {step}/{total}"
+        text = f"[{self.arm or 'train'}] step {step}/{total}"
         if loss is not None:
             text += f"  loss {float(loss):.4f}"
-        text += f"  {rate:.2f} it/s  arm ETA {minutes(left)}"
+        text += f"  {rate:.2f} it/s"
+        if not first:
+            text += f"  arm ETA {minutes(max(total - step, 0) / max(rate, 1e-9))}"
         if self.plan is not None and self.arm in self.plan.arms:
-            elapsed = now - self._train_start
-            text += f"  command ETA {minutes(self.plan.eta(self.arm, step, elapsed, total))}"
+            since = None if first else (self._first[0], now - self._first[1])
+            text += f"  command ETA {minutes(self.plan.eta(self.arm, step, total, since))}"
         return text

@@ -59,14 +59,16 @@ class Plan:
     def total(self) -> float:
         return sum(self.arms.values())
 
-    def eta(self, arm: str, step: int, elapsed: float, steps: int) -> float:
-        """Seconds left in the command: the prediction for what is left, scaled by how this arm's measured
-        time so far compares with its prediction."""
-        done = min(step / max(steps, 1), 1.0)
-        speed = elapsed / max(done * self.arms[arm], 1e-9) if done > 0 else 1.0
+    def eta(self, arm: str, step: int, steps: int, since: tuple[int, float] | None = None) -> float:
+        """Seconds left in the command: the prediction for what is left, scaled by how this arm's speed since
+        `since` = (step, seconds ago) compares with its prediction (unscaled without it: the first step's time
+        is mostly compiling)."""
+        speed = 1.0
+        if since is not None and step > since[0]:
+            speed = since[1] / ((step - since[0]) / max(steps, 1) * self.arms[arm])
         names = list(self.arms)
         later = sum(self.arms[n] for n in names[names.index(arm) + 1:])
-        return speed * ((1 - done) * self.arms[arm] + later)
+        return speed * (max(1 - step / max(steps, 1), 0.0) * self.arms[arm] + later)
 
 
 def arm_work(module, datamodule, trainer, callbacks, first: bool = True) -> ArmWork:

@@ -1,7 +1,8 @@
 """What this machine is: CPU model and flags, native bf16, the precision that fits, the matmul rate.
 
 Figures from different machines only compare with these beside them, and bf16 is fast only where the
-hardware has it: emulated on a CPU without it, a bf16 training step was about 10x slower than float32.
+hardware has it: emulated on a CPU without it, a bf16 training step is an order of magnitude slower than float32
+(benchmarks/precision.py).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def choose_precision(device: str) -> tuple[str, str, str]:
     if device == "cpu":
         return "32-true", "float32", (f"no native bf16 on this CPU ({cpu_info()[0]}, "
                                       f"{torch.backends.cpu.get_cpu_capability()}): bf16 would be emulated, "
-                                      "about 10x slower than float32")
+                                      "an order of magnitude slower than float32")
     return "32-true", "float32", f"no native bf16 on {device}"
 
 
