@@ -21,7 +21,7 @@ class StepProgress(RichProgressBar):
     """
 
     def __init__(self, every_n_steps: int = 50, plan: Plan | None = None, arm: str | None = None):
-        super().__init__(leave=True)
+        super().__init__()
         self.every_n_steps, self.plan, self.arm = max(int(every_n_steps), 1), plan, arm
         self.plain = not sys.stderr.isatty()
         if self.plain:
@@ -31,6 +31,17 @@ class StepProgress(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{self.arm or 'train'} ({self.trainer.max_steps} steps)"
+
+    @property
+    def total_train_batches(self):
+        """The bar counts optimiser steps over the whole run, not batches of one epoch."""
+        steps = self.trainer.max_steps
+        return steps if steps and steps > 0 else super().total_train_batches
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version is the arm's name, already in the description
+        return metrics
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -47,6 +58,7 @@ class StepProgress(RichProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._update(self.train_progress_bar_id, trainer.global_step)  # steps so far, across epochs
         step, total = trainer.global_step, trainer.max_steps
         if not self.plain or not trainer.is_global_zero or self._last_time is None:
             return

@@ -29,8 +29,9 @@ def test_a_fit_prints_its_prediction_then_plain_progress_lines(tmp_path, capsys)
 
 def test_the_bar_is_labelled_by_arm_and_steps_not_epochs():
     bar = StepProgress(arm="prompt_latent")
-    bar._trainer = SimpleNamespace(max_steps=600)
+    bar._trainer = SimpleNamespace(max_steps=600, num_training_batches=625)
     assert bar._get_train_description(0) == "prompt_latent (600 steps)"
+    assert bar.total_train_batches == 600  # steps over the whole run, whatever the epoch length
 
 
 def test_a_line_counts_only_training_time():
