@@ -27,6 +27,7 @@ class StepProgress(RichProgressBar):
         if self.plain:
             self.disable()
         self._last_time = self._last_step = self._first = None
+        self._val_start = 0.0
         self._paused = 0.0  # seconds spent outside training steps since the last line (validation, sampling)
 
     def _get_train_description(self, current_epoch: int) -> str:
@@ -54,7 +55,7 @@ class StepProgress(RichProgressBar):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        self._paused += time.perf_counter() - getattr(self, "_val_start", time.perf_counter())
+        self._paused += time.perf_counter() - self._val_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -198,8 +198,7 @@ def caption(scene: ShapeScene) -> str:
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
-    """Fill one shape into the inclusive pixel box; the domain's only rasteriser, so ShapesEval's templates
-    match the renders exactly."""
+    """Fill one shape into the inclusive pixel box: the one rasteriser, so ShapesEval's templates match renders."""
     x0, y0, x1, y1 = box
     mx, my = (x0 + x1) / 2, (y0 + y1) / 2
     if shape == "circle":
