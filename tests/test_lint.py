@@ -41,3 +41,12 @@ def test_every_package_is_installed():
     packages = {name for name, path in import_cycles.modules().items() if path.name == "__init__.py"}
     assert set(config["packages"]) == packages
     assert config["package-dir"] == {k: str(v.relative_to(ROOT)) for k, v in PACKAGE_DIRS.items()}
+
+
+def test_the_old_callbacks_path_still_resolves_in_a_checkout_with_a_warning():
+    code = "import warnings; warnings.simplefilter('error'); import callbacks"
+    old = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert old.returncode != 0 and "use `mos_lightning.callbacks.X`" in old.stderr
+    new = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import mos_lightning.callbacks"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert new.returncode == 0, new.stderr[-2000:]
