@@ -35,7 +35,6 @@ def forward_flops(model, captions: list[str], images: torch.Tensor) -> float:
 class ArmWork:
     """What one arm computes: its training steps, and its validation and sampling forwards."""
 
-    steps: int
     train_flops: float
     inference_flops: float
     compile_s: float = 0.0
@@ -85,7 +84,7 @@ def arm_work(module, datamodule, trainer, callbacks, first: bool = True) -> ArmW
     per_image = module.sample_steps * (2 if module.cfg_scale != 1 else 1)
     inference = per_sample * (validations * sized(val) * len(module.val_timesteps) + sampled * per_image)
     compile_s = COMPILE_S if first and module.hparams.get("compile") else 0.0
-    return ArmWork(steps, 3 * per_sample * steps * datamodule.batch_size, inference, compile_s)
+    return ArmWork(3 * per_sample * steps * datamodule.batch_size, inference, compile_s)
 
 
 def sized(loader) -> int:

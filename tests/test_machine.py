@@ -80,8 +80,8 @@ def test_plan_scales_what_is_left_by_the_measured_speed(monkeypatch):
     monkeypatch.setattr(budget, "UTILISATION", {"train": 0.3, "inference": 0.2})
     monkeypatch.setattr(budget, "ARM_OVERHEAD_S", 5.0)
     plan = Plan(rate=1e9)
-    plan.add("a", ArmWork(steps=100, train_flops=30e9, inference_flops=0.0, compile_s=20.0))  # 30e9/0.3/1e9 = 100 s
-    plan.add("b", ArmWork(steps=100, train_flops=0.0, inference_flops=39e9))  # 39e9 / 0.2 / 1e9 = 195 s
+    plan.add("a", ArmWork(train_flops=30e9, inference_flops=0.0, compile_s=20.0))  # 30e9/0.3/1e9 = 100 s
+    plan.add("b", ArmWork(train_flops=0.0, inference_flops=39e9))  # 39e9 / 0.2 / 1e9 = 195 s
     assert plan.arms == pytest.approx({"a": 125.0, "b": 200.0}) and plan.total == pytest.approx(325.0)
     assert plan.eta("a", 0, 100) == pytest.approx(325.0)  # nothing measured yet: the prediction
     # from step 10 to 60 of arm a took 125 s where 62.5 s were predicted: everything left takes twice as long
