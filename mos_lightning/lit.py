@@ -8,10 +8,10 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from torch import nn
 
 from .errors import ConfigError
 from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
+from .model.autoencoder import Autoencoder
 from .model.fusion import MoSFusion
 from .model.generation import GenerationTower
 from .model.text_to_image import FusionFactory, TextToImage
@@ -43,7 +43,7 @@ class MoSModule(L.LightningModule):
     """
 
     def __init__(self, understanding: UnderstandingTower | None = None, generation: GenerationTower | None = None,
-                 fusion: FusionFactory | None = None, autoencoder: nn.Module | None = None,
+                 fusion: FusionFactory | None = None, autoencoder: Autoencoder | None = None,
                  timesteps: TimestepSampler | None = None, prediction: str = "velocity", caption_dropout: float = 0.1,
                  lr: float = 1e-4, min_lr: float = 1.5e-5, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 4000,
@@ -122,9 +122,9 @@ class MoSModule(L.LightningModule):
             self.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The frozen tower is not ours to save: it reloads from its path (8B+ towers at scale)."""
+        """The frozen tower and the autoencoder are not ours to save: they reload from their paths."""
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("model.understanding.")]:
+        for key in [k for k in state if k.startswith(("model.understanding.", "model.autoencoder."))]:
             del state[key]
 
     def configure_optimizers(self):

@@ -138,7 +138,8 @@ def test_bucket_not_divisible_by_patch_is_a_clear_error(tmp_path, np_rng, capsys
                           "batch_size": 2, "bucket_base": 30, "bucket_multiple": 6}}
     with pytest.raises(SystemExit) as stop:
         fit(tmp_path, data)
-    assert stop.value.code == 2 and "not divisible by model.generation.patch_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "data.bucket_multiple=6 is not a multiple of model.generation.patch_size" in err
 
 
 @pytest.mark.slow  # the packaged base config's data: a 20000-sample bucketed set

@@ -25,7 +25,7 @@ def _states(rng, b=3, length=6):
 
 
 def _tower():
-    tower = GenerationTower(width=DG, depth=N, heads=2, patch_size=4)
+    tower = GenerationTower(width=DG, depth=N, heads=2, patch_size=4, channels=3)
     torch.nn.init.normal_(tower.head.weight, std=0.1)
     return tower
 

@@ -113,7 +113,7 @@ def test_bad_tower_paths(tmp_path):
 
 def test_image_not_divisible_by_patch():
     with pytest.raises(ConfigError, match="patch_size"):
-        GenerationTower(width=32, depth=1, heads=2, patch_size=4).patchify(torch.randn(1, 3, 30, 32))
+        GenerationTower(width=32, depth=1, heads=2, patch_size=4, channels=3).patchify(torch.randn(1, 3, 30, 32))
 
 
 def test_truncated_tower_equals_the_first_layers(minilm):

@@ -61,6 +61,12 @@ class MoSCLI(LightningCLI):
                             help="arm name -> {dotted setting: value}; `fit` trains each arm in turn")
         parser.add_argument("--experiment.arm", type=Optional[str], default=None, help="the arm this run is")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        use_multiple = getattr(self.datamodule, "use_multiple", None)
+        if use_multiple is not None:  # bucket sides follow the model: patch size x autoencoder factor
+            use_multiple(self.model.model.generation.patch_size * self.model.model.autoencoder.factor)
+
     def before_fit(self) -> None:
         check_image_size(self.model, self.datamodule)
         self.fit_start, self.initial_val_loss = time.perf_counter(), None

@@ -22,27 +22,50 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
             cropped to its nearest bucket of area ~bucket_base^2 and batches never mix shapes
             (map-style through BucketBatchSampler, streams online); None crops everything to the
             source's image_size.
-        bucket_multiple: bucket sides are multiples of this (patch size x autoencoder factor).
+        bucket_multiple: bucket sides are multiples of this; it must be a multiple of patch size x autoencoder
+            factor. None: exactly that, set by the CLI from the model (`use_multiple`).
         seed: shuffling and bucket order.
     """
 
     def __init__(self, train: Dataset, val: Dataset | None = None, batch_size: int = 32, num_workers: int = 0,
-                 bucket_base: int | None = None, bucket_multiple: int = 16, max_ratio: float = 2.0, seed: int = 0):
+                 bucket_base: int | None = None, bucket_multiple: int | None = None, max_ratio: float = 2.0,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["train", "val"])  # the CLI logs HParams per arm
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         self.train_set, self.val_set = train, val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.buckets = bucket_table(bucket_base, bucket_multiple, max_ratio) if bucket_base else None
+        self.bucket_base, self.bucket_multiple, self.max_ratio = bucket_base, bucket_multiple, max_ratio
+        self.buckets = None
+        if bucket_base and bucket_multiple is not None:
+            self.buckets = bucket_table(bucket_base, bucket_multiple, max_ratio)
         self.image_size = (bucket_base, bucket_base) if bucket_base else getattr(train, "image_size", None)
+
+    def use_multiple(self, unit: int) -> None:
+        """The model's patch size x autoencoder factor: bucket sides must be multiples of it."""
+        if self.bucket_multiple is None:
+            self.bucket_multiple = unit
+            if self.bucket_base:
+                self.buckets = bucket_table(self.bucket_base, unit, self.max_ratio)
+        elif self.bucket_base and self.bucket_multiple % unit:
+            raise ConfigError(f"data.bucket_multiple={self.bucket_multiple} is not a multiple of "
+                              f"model.generation.patch_size x autoencoder factor = {unit}; set it to a multiple "
+                              f"of {unit}, or null to take {unit}")
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
         """Every shape a batch can have (the CLI checks each against the patch size)."""
+        self._check_buckets()
         return self.buckets or [self.image_size]
 
+    def _check_buckets(self) -> None:
+        if self.bucket_base and self.buckets is None:
+            raise ConfigError("data.bucket_multiple is null and no model gave its patch size x autoencoder factor; "
+                              "set data.bucket_multiple, or build the DataModule through the CLI")
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        self._check_buckets()
         common = {"num_workers": self.num_workers, "collate_fn": collate, "persistent_workers": self.num_workers > 0}
         if isinstance(dataset, IterableDataset):
             if self.buckets is None:

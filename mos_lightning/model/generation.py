@@ -21,7 +21,8 @@ class GenerationTower(nn.Module):
     Args:
         width, depth, heads: the DiT's size (depth is n, the number of generation layers).
         patch_size: pixels (or latent cells) per patch side.
-        channels: image / latent channels.
+        channels: latent channels. None (the default): the autoencoder's, set when the model is built
+            (`TextToImage` calls `use_channels`); a number that differs from the autoencoder's is an error.
         registers: learnable tokens carried with the image stream (App. A uses 4).
         timestep_embedding: add a carried timestep token (off by default, App. A).
         rope_theta: base of the 2-D rotary positions on image tokens' queries and keys (None: only the
@@ -29,23 +30,36 @@ class GenerationTower(nn.Module):
             objects (docs/training-recipe.md).
     """
 
-    def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4, channels: int = 3,
-                 mlp_ratio: float = 4.0, registers: int = 4, timestep_embedding: bool = False,
-                 rope_theta: float | None = 100.0):
+    def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4,
+                 channels: int | None = None, mlp_ratio: float = 4.0, registers: int = 4,
+                 timestep_embedding: bool = False, rope_theta: float | None = 100.0):
         super().__init__()
-        if min(width, depth, heads, patch_size, channels) < 1:
+        if min(width, depth, heads, patch_size, 1 if channels is None else channels) < 1:
             raise ConfigError("generation: width, depth, heads, patch_size and channels must all be >= 1")
         if rope_theta is not None and (rope_theta <= 1 or (width // heads) % 4):
             raise ConfigError(f"generation.rope_theta={rope_theta} needs a base > 1 and width / heads "
                               f"({width}/{heads}) divisible by 4; null turns rotary positions off")
-        self.width, self.depth, self.heads, self.patch_size, self.channels = width, depth, heads, patch_size, channels
+        self.width, self.depth, self.heads, self.patch_size, self.channels = width, depth, heads, patch_size, None
         self.rope_theta = rope_theta
-        self.patch_embed = nn.Linear(patch_size * patch_size * channels, width)
         self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
         self.timestep = TimestepEmbedding(width) if timestep_embedding else None
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.RMSNorm(width)
-        self.head = nn.Linear(width, patch_size * patch_size * channels)
+        self.asked_channels = channels
+        if channels is not None:
+            self.use_channels(channels)
+
+    def use_channels(self, channels: int) -> None:
+        """Build the patch embedding and the head for `channels` latent channels (the autoencoder's)."""
+        if self.asked_channels is not None and channels != self.asked_channels:
+            raise ConfigError(f"model.generation.init_args.channels={self.asked_channels} but the autoencoder's "
+                              f"latents have {channels} channels; leave channels unset (null) to take the "
+                              f"autoencoder's")
+        if self.channels == channels:
+            return
+        self.channels, area = channels, self.patch_size * self.patch_size
+        self.patch_embed = nn.Linear(area * channels, self.width)
+        self.head = nn.Linear(self.width, area * channels)
         nn.init.zeros_(self.head.weight)  # start by predicting zero velocity (DiT-style)
         nn.init.zeros_(self.head.bias)
 

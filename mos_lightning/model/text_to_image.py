@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..flow import velocity_from_data
 from ..types import Conditioning, TowerGeometry, TowerStates
-from .autoencoder import PixelSpace
+from .autoencoder import Autoencoder, PixelSpace
 from .fusion import Fusion
 from .generation import GenerationTower
 from .understanding import UnderstandingTower
@@ -27,13 +27,14 @@ class TextToImage(nn.Module):
     PREDICTIONS = ("velocity", "data")
 
     def __init__(self, understanding: UnderstandingTower, generation: GenerationTower, fusion: FusionFactory,
-                 autoencoder: nn.Module | None = None, prediction: str = "velocity"):
+                 autoencoder: Autoencoder | None = None, prediction: str = "velocity"):
         super().__init__()
         if prediction not in self.PREDICTIONS:
             raise ConfigError(f"model.prediction={prediction!r} is not one of {list(self.PREDICTIONS)}")
         self.prediction = prediction
         self.understanding, self.generation = understanding, generation
         self.autoencoder = autoencoder or PixelSpace()
+        generation.use_channels(self.autoencoder.channels)
         self.geometry = TowerGeometry(understanding.num_layers, understanding.width, generation.depth, generation.width,
                                       understanding.kv_heads, understanding.head_dim, generation.heads)
         self.fusion = fusion(self.geometry)
