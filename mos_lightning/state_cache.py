@@ -9,8 +9,11 @@ Two stores, both keyed by caption and by the tower's identity (`tower_identity`)
 function, so this module imports nothing from `model/`.
 
 Disk layout: <root>/<tower identity>/shard-<id>.safetensors, one bf16 tensor (m, L_i, D_u) per caption, keyed
-by the caption's SHA-1. The identity hashes the tower's class, config, dtype, truncation, max_length and its
-weight files' names, sizes and modification times, so a changed tower reads from a fresh folder. Shards are
+by the caption's SHA-1. The same machinery holds an autoencoder's posteriors (`LATENTS`), keyed by the SHA-1 of
+the exact pixels encoded (so by image, bucket and crop at once), in float32 (a hit is bit for bit what was
+written), in a folder named by the autoencoder's identity. The tower's identity hashes its class, config, dtype,
+truncation, max_length and its weight files' names, sizes and modification times, so a changed tower reads from
+a fresh folder. Shards are
 written to a temporary name and renamed into place: a killed pass leaves only `.tmp-*` files, never read.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,10 +55,18 @@ def tower_identity(tower) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class StateCache:
-    """Read and write one tower's cached states; lookups open each shard once, lazily."""
+def image_key(image: torch.Tensor) -> str:
+    """The latent cache's key: the exact pixels (and their shape) an autoencoder is asked to encode."""
+    pixels = image.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha1(str(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()
 
-    def __init__(self, root: str | os.PathLike, identity: str):
+
+class StateCache:
+    """Read and write one tower's cached states (or one autoencoder's latents); lookups open each shard once,
+    lazily. `dtype`: what tensors are stored as (bf16 for tower states; None keeps theirs, as latents do)."""
+
+    def __init__(self, root: str | os.PathLike, identity: str, dtype: torch.dtype | None = torch.bfloat16):
+        self.dtype = dtype
         self.dir = Path(root) / identity
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, Path] = {}
@@ -86,7 +98,7 @@ class StateCache:
 
     def put(self, states: dict[str, torch.Tensor]) -> Path | None:
         """Write one shard of caption -> (m, L_i, D_u) atomically; captions already cached are skipped."""
-        fresh = {caption_key(c): t.to(torch.bfloat16).contiguous() for c, t in states.items() if c not in self}
+        fresh = {caption_key(c): t.to(self.dtype or t.dtype).contiguous() for c, t in states.items() if c not in self}
         if not fresh:
             return None
         final = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
@@ -114,6 +126,19 @@ def pad(items: list[torch.Tensor]) -> TowerStates:
         hidden[b, :, : x.shape[1]] = x
         mask[b, : x.shape[1]] = True
     return TowerStates(hidden=hidden, mask=mask)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a store holds: how a batch splits into per-key items, how items join back, the stored dtype."""
+
+    split: Callable
+    join: Callable
+    dtype: torch.dtype | None
+
+
+TOWER_STATES = Layout(unpad, pad, torch.bfloat16)  # (m, L_i, D_u) per caption, padded back into a batch
+LATENTS = Layout(list, torch.stack, None)  # one latent per image, stacked; kept in float32 (bit for bit)
 
 
 class Memos:
@@ -151,13 +176,15 @@ class StateStore:
         memo_size: captions kept in memory (LRU); 0 keeps none. Stores of one identity share one memo.
         cache_dir: the root of a disk cache to read from; None reads none.
         memos: the registry the memo comes from (the process-wide `MEMOS` by default).
+        layout: how a batch splits into items and joins back (`TOWER_STATES`, or `LATENTS` for an autoencoder).
     """
 
     def __init__(self, identity: str, memo_size: int = 0, cache_dir: str | os.PathLike | None = None,
-                 memos: Memos = MEMOS):
+                 memos: Memos = MEMOS, layout: "Layout | None" = None):
         self.identity, self.memo_size = identity, memo_size
+        self.layout = layout or TOWER_STATES
         self.memo = memos.of(identity) if memo_size > 0 else OrderedDict()
-        self.cache = StateCache(cache_dir, identity) if cache_dir is not None else None
+        self.cache = StateCache(cache_dir, identity, self.layout.dtype) if cache_dir is not None else None
         self.cache_hits = self.cache_misses = 0  # disk lookups only: the memo is asked first
 
     @property
@@ -167,14 +194,15 @@ class StateStore:
 
     def lookup(self, captions: list[str], encode: Callable[[list[str]], TowerStates], device: torch.device,
                dtype: torch.dtype) -> TowerStates:
-        """The states of `captions`, right-padded; `encode` runs once, on the distinct misses."""
+        """The states of `captions` (keys), joined by the layout (right-padded tower states); `encode` runs
+        once, on the distinct misses."""
         found = {c: self.memo.get(c) for c in dict.fromkeys(captions)}
         found.update({c: self._from_cache(c, device, dtype) for c, s in found.items() if s is None})
         missing = [c for c, s in found.items() if s is None]
         if missing:
-            found.update(zip(missing, unpad(encode(missing))))
+            found.update(zip(missing, self.layout.split(encode(missing))))
         self._remember(found)
-        return pad([found[c] for c in captions])
+        return self.layout.join([found[c] for c in captions])
 
     def _from_cache(self, caption: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         if self.cache is None:
@@ -198,6 +226,27 @@ def dataset_captions(dataset) -> list[str]:
     """Every caption of a map-style dataset; `caption_at(i)` avoids decoding images when offered."""
     caption_at = getattr(dataset, "caption_at", None)
     return [caption_at(i) if caption_at else dataset[i][1] for i in range(len(dataset))]
+
+
+def fill_latents(encode: Callable[[torch.Tensor], torch.Tensor], batches, cache: StateCache,
+                 shard_size: int = 4096) -> tuple[int, int]:
+    """Encode every image of `batches` (tensors (B, 3, H, W)) not yet in `cache`, one shard per `shard_size`
+    latents. Returns (images seen, latents written)."""
+    seen, written, pending = 0, 0, {}
+    for images in batches:
+        keys = [image_key(image) for image in images]
+        seen += len(keys)
+        todo = [i for i, k in enumerate(keys) if k not in cache and k not in pending]
+        if todo:
+            pending.update(zip((keys[i] for i in todo), encode(images[todo])))
+        if len(pending) >= shard_size:
+            written += len(pending)
+            cache.put(pending)
+            pending = {}
+    if pending:
+        written += len(pending)
+        cache.put(pending)
+    return seen, written
 
 
 def fill(tower, captions: list[str], cache: StateCache, batch_size: int = 256) -> int:

@@ -98,6 +98,9 @@ def test_half_written_and_damaged_shards_are_never_read(filled, caplog):
 
 def test_cache_subcommand_then_fit_reads_it(tmp_path):
     from mos_lightning.cli import cli_main
+    from mos_lightning.state_cache import MEMOS
+
+    MEMOS.clear()  # earlier fits in this process memoised these captions: the memo would answer before the disk
 
     root = Path(__file__).resolve().parents[1]
     configs = ["--config", str(root / "experiments" / "router_inputs.yaml"),

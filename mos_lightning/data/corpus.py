@@ -82,6 +82,11 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
+    def every_image(self, split: str) -> DataLoader | list:
+        """`split`'s samples in order, each once, cropped as training crops them (what `cache` encodes)."""
+        dataset = {"train": self.train_set, "val": self.val_set}[split]
+        return [] if dataset is None else self._loader(dataset, train=False)
+
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, train=False)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..state_cache import LATENTS, StateStore, image_key
 
 # diffusers classes this loader knows the latent conventions of; any other `_class_name` is refused
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")
@@ -85,13 +86,18 @@ class DiffusersAutoencoder(Autoencoder):
         path: folder (or hub id) holding config.json and diffusion_pytorch_model.safetensors.
         subfolder: e.g. "vae" inside a pipeline folder.
         scaling_factor, shift_factor, latents_mean, latents_std: override the config's normalisation.
-        sample: draw from the posterior when encoding (training noise, as SD does); False uses its mean, so a
-            latent is a function of the image (and the latent cache can hold it).
+        sample: draw from the posterior when encoding (as SD trains); False takes its mean.
+        cache_dir: a latent cache written by `python -m mos_lightning cache` to read from (never written here).
+        memo_size: latents kept in memory (LRU), shared by every autoencoder of this identity in the process, so
+            the later arms of an ablation skip the encoder; 0 keeps none.
+    Both stores hold the posterior (mean and log-variance) of the exact pixels encoded, so `sample` still draws
+    fresh noise on a hit.
     """
 
     def __init__(self, path: str, subfolder: str | None = None, scaling_factor: float | None = None,
                  shift_factor: float | None = None, latents_mean: list[float] | None = None,
-                 latents_std: list[float] | None = None, sample: bool = False):
+                 latents_std: list[float] | None = None, sample: bool = False, cache_dir: str | None = None,
+                 memo_size: int = 0):
         super().__init__()
         self.path, self.subfolder, self.sample = path, subfolder, sample
         self.vae = load_diffusers(path, subfolder)
@@ -115,16 +121,30 @@ class DiffusersAutoencoder(Autoencoder):
         self.register_buffer("scale", scale.float().reshape(-1, 1, 1), persistent=False)
         self.vae.requires_grad_(False)
         self.train(False)
+        self.store = StateStore(self.identity(), memo_size, cache_dir, layout=LATENTS)
 
     def _check_channels(self, path: str, mean, std) -> None:
         if len(mean) != self.channels or len(std) != self.channels:
             raise ConfigError(f"autoencoder {path}: latents_mean/latents_std have {len(mean)}/{len(std)} entries "
                               f"for {self.channels} latent channels")
 
+    def posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [-1, 1] -> the encoder's posterior parameters (B, 2 x channels, h, w)."""
+        parameters = self.vae.encode(x[:, :, None] if self.video else x).latent_dist.parameters
+        return parameters[:, :, 0] if self.video else parameters
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        posterior = self.vae.encode(x[:, :, None] if self.video else x).latent_dist
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.store.active:
+            keys = [image_key(image) for image in x]
+            rows = {k: i for i, k in enumerate(keys)}
+            parameters = self.store.lookup(keys, lambda missing: self.posterior(x[[rows[k] for k in missing]]),
+                                           x.device, torch.float32)
+        else:
+            parameters = self.posterior(x)
+        posterior = DiagonalGaussianDistribution(parameters)
         z = posterior.sample() if self.sample else posterior.mode()
-        z = z[:, :, 0] if self.video else z
         return (z - self.shift) * self.scale
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -133,8 +153,9 @@ class DiffusersAutoencoder(Autoencoder):
         return images[:, :, 0] if self.video else images
 
     def identity(self) -> str:
-        facts = {"class": type(self.vae).__name__, "config": dict(self.vae.config), "weights": weight_files(self),
-                 "shift": self.shift.flatten().tolist(), "scale": self.scale.flatten().tolist(), "sample": self.sample}
+        """The stores hold posteriors, which only the VAE's class, config and weights change (not the
+        normalisation or `sample`)."""
+        facts = {"class": type(self.vae).__name__, "config": dict(self.vae.config), "weights": weight_files(self)}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
