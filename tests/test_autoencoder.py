@@ -146,3 +146,18 @@ def test_bucket_multiple_follows_patch_and_factor(tmp_path, rng):
                        "--trainer.logger=false", "--model.generation.init_args.patch_size=4"], run=False)
     assert cli.datamodule.bucket_multiple == 8  # patch 4 x factor 2
     assert all(h % 8 == 0 and w % 8 == 0 for h, w in cli.datamodule.image_sizes)
+
+
+@pytest.mark.parametrize("overlay, kind", [("vae_flux.yaml", "kl"), ("vae_wan22.yaml", "wan2.2")])
+def test_scale_overlays_compose(tmp_path, rng, overlay, kind):
+    """The real checkpoints are not here: the overlay is composed with a tiny VAE of the same class in its place."""
+    from mos_lightning.cli import MoSCLI
+
+    folder = tiny_kl(tmp_path / "kl", rng) if kind == "kl" else tiny_wan(tmp_path / "wan", rng)
+    cli = MoSCLI(args=["--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config",
+                       str(ROOT / "experiments" / "scale" / overlay), f"--model.autoencoder.init_args.path={folder}",
+                       "--model.autoencoder.init_args.subfolder=null", "--trainer.logger=false"], run=False)
+    model = cli.model.model
+    assert type(model.autoencoder.vae).__name__ == ("AutoencoderKL" if kind == "kl" else "AutoencoderKLWan")
+    assert model.generation.patch_size == 2 and model.generation.channels == model.autoencoder.channels
+    assert cli.datamodule.bucket_multiple == 2 * model.autoencoder.factor
