@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 
+from .alignment import Repa
 from .errors import ConfigError
 from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
 from .model.autoencoder import Autoencoder
@@ -36,6 +37,8 @@ class MoSModule(L.LightningModule):
         lr, min_lr, weight_decay, betas, warmup_steps: AdamW, linear warm-up, cosine to min_lr.
         val_timesteps: val/loss is averaged over these fixed t, with fixed noise, so arms compare.
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
+        repa: an optional REPA alignment loss on one generation block (alignment.Repa); training only, so
+            val/loss stays Eq. 1's and comparable across arms.
         compile: torch.compile the generation tower's blocks and the MoS router's (TextToImage.compile_regions).
             A one-off cold compile (a training and a no-grad graph per region), cached on disk by inductor
             for later runs, for faster steps after it (docs/performance.md). Needs a C++ compiler on CPU
@@ -48,16 +51,19 @@ class MoSModule(L.LightningModule):
                  lr: float = 1e-4, min_lr: float = 1.5e-5, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 4000,
                  val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8), sample_steps: int = 20, cfg_scale: float = 1.0,
-                 sample_shift: float = 1.0, compile: bool = False):
+                 sample_shift: float = 1.0, repa: Repa | None = None, compile: bool = False):
         super().__init__()
         # logger=False: the CLI logs each arm's HParams itself, with its final metrics (results.log_row).
         self.save_hyperparameters(logger=False, ignore=["understanding", "generation", "fusion", "autoencoder",
-                                                        "timesteps"])
+                                                        "timesteps", "repa"])
         self.strict_loading = False  # checkpoints leave out the frozen understanding tower
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
         self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
                                  fusion or MoSFusion, autoencoder, prediction)
+        self.repa = repa
+        if repa is not None:
+            repa.bind(self.model.generation)
         if compile:  # kept in hparams only: an attribute would shadow nn.Module.compile
             self.model.compile_regions()
         self.timesteps = timesteps or LogitNormal()
@@ -77,6 +83,8 @@ class MoSModule(L.LightningModule):
         noise = torch.randn(z0.shape, generator=generator, device="cpu" if generator is not None else z0.device).to(z0)
         states = self.model.states(batch.captions, drop)
         velocity, _ = self.model(interpolate(z0, noise, t), t, states)
+        self.latent_grid = (z0.shape[-2] // self.model.generation.patch_size,
+                            z0.shape[-1] // self.model.generation.patch_size)
         return flow_loss(velocity, velocity_target(z0, noise))
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
@@ -92,6 +100,10 @@ class MoSModule(L.LightningModule):
         drop = torch.rand(n, device=self.device) < self.caption_dropout
         loss = self.loss(batch, t, drop).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if self.repa is not None:
+            alignment = self.repa.loss(batch.images, self.latent_grid).mean()
+            self.log("train/repa", alignment, batch_size=n)
+            loss = loss + self.repa.weight * alignment
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -129,7 +141,8 @@ class MoSModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        trainable = [*self.model.named_parameters(), *(self.repa.named_parameters() if self.repa else [])]
+        for name, p in trainable:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
