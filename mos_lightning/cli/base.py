@@ -60,6 +60,9 @@ class MoSCLI(LightningCLI):
         parser.add_argument("--experiment.arms", type=Optional[dict[str, dict[str, Any]]], default=None,
                             help="arm name -> {dotted setting: value}; `fit` trains each arm in turn")
         parser.add_argument("--experiment.arm", type=Optional[str], default=None, help="the arm this run is")
+        parser.add_argument("--experiment.paper", type=Optional[dict[str, Any]], default=None,
+                            help="{best: ARM, metrics: {METRIC: lower|higher}}: the paper's direction, checked "
+                                 "by the table of a multi-seed fit")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

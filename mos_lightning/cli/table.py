@@ -1,17 +1,22 @@
 """`python -m mos_lightning table runs/<experiment>`: the ablation table rebuilt from event files.
 
-Each arm's run logs its row as JSON text (results.ROW_TAG); this reads the newest one per run, orders the
-arms by when they started, and prints the same Markdown the end of `fit` printed. Runs made at different
-times, or several experiment folders, compare in one table.
+Each run logs its row as JSON text (results.ROW_TAG); this reads the newest one per run, orders the runs
+by when they started, and prints the same Markdown the end of `fit` printed: with several seeds the rows
+carry arm and seed, and the summary groups them by arm (results.summarize, as `fit` does), checked against
+the experiment.paper block saved in the runs' config.yaml. Runs made at different times, or several
+experiment folders, compare in one table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+import yaml
+
 from ..errors import ConfigError
-from ..results import ROW_TAG, markdown, ordered, write_table
+from ..results import ROW_TAG, check_paper, ordered, report, several_seeds, write_table
 
 
 def _event_dirs(root: Path) -> list[Path]:
@@ -32,6 +37,18 @@ def read_row(run: Path) -> tuple[float, dict] | None:
     return events.FirstEventTimestamp(), ordered(json.loads(text))
 
 
+def latest_per_seed(rows: list[dict]) -> list[dict]:
+    """One run per (arm, seed), the latest: a re-run of a seed (or a one-seed run at <arm>/ beside
+    <arm>/seed0) replaces the earlier one rather than counting twice in the mean."""
+    latest: dict[tuple, dict] = {}
+    for row in rows:
+        latest.pop((row["arm"], row.get("seed")), None)
+        latest[(row["arm"], row.get("seed"))] = row
+    if len(latest) < len(rows):
+        print(f"table: {len(rows) - len(latest)} earlier run(s) of the same arm and seed left out", file=sys.stderr)
+    return list(latest.values())
+
+
 def rebuild(roots: list[Path]) -> list[dict]:
     found = []
     for root in roots:
@@ -40,17 +57,43 @@ def rebuild(roots: list[Path]) -> list[dict]:
         found += [r for r in map(read_row, _event_dirs(root)) if r is not None]
     if not found:
         raise ConfigError(f"table: no finished arm (no {ROW_TAG!r} text) under {', '.join(map(str, roots))}")
-    return [row for _, row in sorted(found, key=lambda r: r[0])]
+    rows = [row for _, row in sorted(found, key=lambda r: r[0])]
+    return latest_per_seed(rows) if several_seeds(rows) else rows
+
+
+def _saved_paper(run: Path) -> dict | None:
+    config = run / "config.yaml"  # LightningCLI's copy of the run's whole config
+    if not config.is_file():
+        return None
+    return ((yaml.safe_load(config.read_text()) or {}).get("experiment") or {}).get("paper")
+
+
+def read_paper(roots: list[Path]) -> dict | None:
+    """The experiment.paper block the runs were trained with; None when none or when the folders disagree."""
+    blocks = {}
+    for run in (run for root in roots for run in _event_dirs(root)):
+        paper = _saved_paper(run)
+        if paper is not None:
+            blocks[json.dumps(paper, sort_keys=True)] = paper
+    if len(blocks) > 1:
+        print("table: the runs hold different experiment.paper blocks; the paper's direction is left out",
+              file=sys.stderr)
+        return None
+    paper = next(iter(blocks.values()), None)
+    check_paper(paper)
+    return paper
 
 
 def table_main(args: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="python -m mos_lightning table", description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="runs/<experiment> folders (arms are found inside)")
-    parser.add_argument("--write", type=Path, default=None, help="also write results.md/.csv into this folder")
+    parser.add_argument("--write", type=Path, default=None,
+                        help="also write results.md/.csv (and results_runs.csv with several seeds) into this folder")
     opts = parser.parse_args(args)
     rows = rebuild(opts.runs)
+    paper = read_paper(opts.runs)
     if opts.write is not None:
-        return write_table(rows, opts.write)
-    table = markdown(rows)
+        return write_table(rows, opts.write, paper)
+    table = report(rows, paper)
     print(table)
     return table
