@@ -20,6 +20,9 @@ from ..state_cache import LATENTS, StateStore, image_key
 
 # diffusers classes this loader knows the latent conventions of; any other `_class_name` is refused
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")
+# the shipped AutoencoderKL of the embedded shapes domain (tools/train_shapes_autoencoder.py), by name
+SHAPES_AUTOENCODER = "shapes-autoencoder"
+SHAPES_AUTOENCODER_PATH = Path(__file__).resolve().parent / "assets" / "shapes_autoencoder"
 
 
 class Autoencoder(nn.Module):
@@ -83,7 +86,8 @@ class DiffusersAutoencoder(Autoencoder):
     Wan encodes video: images get a time axis of 1, which its causal encoder maps to one latent frame.
 
     Args:
-        path: folder (or hub id) holding config.json and diffusion_pytorch_model.safetensors.
+        path: folder (or hub id) holding config.json and diffusion_pytorch_model.safetensors;
+            "shapes-autoencoder" is the one shipped for the embedded shapes domain.
         subfolder: e.g. "vae" inside a pipeline folder.
         scaling_factor, shift_factor, latents_mean, latents_std: override the config's normalisation.
         sample: draw from the posterior when encoding (as SD trains); False takes its mean.
@@ -99,6 +103,7 @@ class DiffusersAutoencoder(Autoencoder):
                  latents_std: list[float] | None = None, sample: bool = False, cache_dir: str | None = None,
                  memo_size: int = 0):
         super().__init__()
+        path = str(SHAPES_AUTOENCODER_PATH) if path == SHAPES_AUTOENCODER else path
         self.path, self.subfolder, self.sample = path, subfolder, sample
         self.vae = load_diffusers(path, subfolder)
         config = self.vae.config
