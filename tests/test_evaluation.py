@@ -47,7 +47,8 @@ def test_fit_logs_fid_clip_and_shapes_eval_per_arm(tmp_path):
     row = rows[0]
     for key in ("val/fid", "val/clip", "val/shapes/overall", *(f"val/shapes/{c}" for c in CATEGORIES)):
         assert isinstance(row[key], float), key
-    assert list(row)[1:4] == ["val/fid", "val/clip", "val/shapes/overall"]  # the paper's tables lead with FID, CLIP
+    assert list(row)[:2] == ["arm", "seed"] and isinstance(row["seed"], int)
+    assert list(row)[2:5] == ["val/fid", "val/clip", "val/shapes/overall"]  # the paper's tables lead with FID, CLIP
     assert row["val/fid"] > 0 and 0 <= row["val/shapes/overall"] <= 1
     run = tmp_path / "router_inputs" / "prompt"
     events = EventAccumulator(str(run))
