@@ -140,7 +140,9 @@ def test_jpeg_draft_decode_matches_full_decode(nprng, orientation):
     drafted = image_tensor(data, size, SkipCounter())
     full = to_tensor(cover_crop(load_image(data)[0], size))
     assert drafted.shape == full.shape == (3, *size)
-    assert (drafted - full).abs().mean() < 0.03  # [-1, 1] units: under 1 % of the range
+    # [-1, 1] units. Over 600 draws of these inputs: median 0.004, p99 0.017, max 0.026 (CI once saw 0.030);
+    # the crop mirrored left-right differs by a median 0.14.
+    assert (drafted - full).abs().mean() < 0.05
     assert load_image(data, cover=size)[0].size[0] < load_image(data)[0].size[0]  # it really decoded smaller
 
 
