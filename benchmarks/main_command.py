@@ -33,7 +33,9 @@ REFERENCE_GFLOPS = 350.0
 
 
 def seconds_logged(run: Path, tag: str) -> float:
-    """Sum of a timing scalar over the run (the evaluation callbacks log their own cost)."""
+    """Sum of a timing scalar over the run (the evaluation callbacks log their own cost); 0 without the run."""
+    if not run.is_dir():
+        return 0.0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
@@ -117,7 +119,9 @@ def main() -> None:
         with open(table) as f:
             for row in csv.DictReader(f):
                 seed = f"/seed{row['seed']}" if row.get("seed") else ""
-                report(row, folder / f"{row['arm']}{seed}")
+                name = f"{row['arm']}{seed}"  # events sit under the logger's name, which may differ
+                run = next((r for r in [folder / name, *workdir.glob(f"runs/*/{name}")] if r.is_dir()), folder / name)
+                report(row, run)
                 met.append(check_bar(row, bar))
     print(f"quality bar ({bar}): {'met by every arm' if met and all(met) else 'NOT met by every arm'}")
     raise SystemExit(code)
