@@ -25,14 +25,14 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE).stdout.strip()
 
 
-def versions() -> str:
+def versions(packages: tuple[str, ...] = PACKAGES) -> str:
     def one(name: str) -> str:
         try:
             return f"{name} {version(name)}"
         except PackageNotFoundError:
             return f"{name} (not installed)"
 
-    return ", ".join(map(one, PACKAGES)) + f", Python {sys.version.split()[0]}"
+    return ", ".join(map(one, packages)) + f", Python {sys.version.split()[0]}"
 
 
 def result_path(benchmark: str, day: str) -> Path:

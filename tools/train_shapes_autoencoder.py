@@ -29,12 +29,9 @@ import argparse
 import datetime
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,7 +43,7 @@ from diffusers import AutoencoderKL
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the checkout, not an installed package
 
-from benchmarks.record import result_path  # noqa: E402
+from benchmarks.record import git, result_path, versions  # noqa: E402
 from mos_lightning.data.buckets import bucket_table  # noqa: E402
 from mos_lightning.data.shapes import CATEGORIES, ShapesDataset, render, to_tensor  # noqa: E402
 from mos_lightning.errors import ConfigError  # noqa: E402
@@ -222,25 +219,11 @@ def results_table(metrics: dict) -> list[str]:
     return lines
 
 
-def package_versions() -> str:
-    def one(name: str) -> str:
-        try:
-            return f"{name} {version(name)}"
-        except PackageNotFoundError:
-            return f"{name} (not installed)"
-
-    return ", ".join(map(one, PACKAGES)) + f", Python {platform.python_version()}"
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
-
 def write_report(path: Path, argv: list[str], cfg: TrainConfig, facts: dict, output: list[str]) -> Path:
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     lines = [f"# shapes autoencoder on {facts['started']:%Y-%m-%d %H:%M} UTC", "",
              f"- command: `python tools/train_shapes_autoencoder.py {' '.join(argv)}`".rstrip(),
-             f"- commit: {git('rev-parse', '--short', 'HEAD')}{dirty}", f"- packages: {package_versions()}",
+             f"- commit: {git('rev-parse', '--short', 'HEAD')}{dirty}", f"- packages: {versions(PACKAGES)}",
              f"- CPU: {describe_cpu()}", "- precision: 32-true (float32 training and evaluation)",
              f"- conditions: {torch.get_num_threads()} threads, load average {facts['load']:.2f} at the start",
              f"- training: {cfg.steps} steps of batch {cfg.batch_size} in {facts['train_s']:.0f}s; {asdict(cfg)}",
