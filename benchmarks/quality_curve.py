@@ -25,10 +25,12 @@ TAGS = ("val/shapes/overall", "val/shapes/single_object", "val/clip", "val/fid",
 def train_flops_per_step(run: Path) -> float:
     from mos_lightning.budget import arm_work
     from mos_lightning.cli.base import MoSCLI
+    from mos_lightning.cli.sample import FIT_ONLY, check_trusted
 
     config = yaml.safe_load((run / "config.yaml").read_text())
-    for key in ("ckpt_path", "weights_only"):  # `fit` options, not part of the model, data or trainer
+    for key in FIT_ONLY:
         config.pop(key, None)
+    check_trusted(config, run / "config.yaml")  # rebuilding instantiates what the file names
     cli = MoSCLI(args=config, run=False, announce=False)
     work = arm_work(cli.model, cli.datamodule, cli.trainer, cli.trainer.callbacks, first=False)
     return work.train_flops / cli.trainer.max_steps

@@ -50,6 +50,7 @@ def build(strategy: str, size: str, batch: int):
             f"--model.fusion={json.dumps({'class_path': FUSION + cls, 'init_args': init_args})}",
             f"--model.generation={json.dumps(generation)}"]
     cli = MoSCLI(args=args, run=False)
+    cli.model.configure_model()  # compiles, as a trainer would (model.compile)
     return cli.model, next(iter(cli.datamodule.train_dataloader()))
 
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(config: str, name: str, overrides: dict, experiment: dict):
     cli = MoSCLI(args=["--config", config, *arm_args(name, overrides, experiment), "--trainer.logger=false"], run=False)
     cli.datamodule.setup("fit")
+    cli.model.configure_model()  # compiles, as a trainer would (model.compile)
     return cli.model, next(iter(cli.datamodule.train_dataloader()))
 
 

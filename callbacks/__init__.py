@@ -2,6 +2,7 @@
 import warnings
 
 from .evaluation import Evaluation
+from .preemption import Preemption
 from .progress import StepProgress
 from .router_viz import RouterFigures
 from .samples import SampleGrid
@@ -10,4 +11,4 @@ if __name__ == "callbacks":  # imported by its old top-level name, from a source
     warnings.warn("class paths `callbacks.X` are deprecated and will stop working in the next release: "
                   "use `mos_lightning.callbacks.X`", FutureWarning, stacklevel=2)
 
-__all__ = ["Evaluation", "RouterFigures", "SampleGrid", "StepProgress"]
+__all__ = ["Evaluation", "Preemption", "RouterFigures", "SampleGrid", "StepProgress"]

@@ -26,6 +26,8 @@ def forward_flops(model, captions: list[str], images: torch.Tensor) -> float:
         states = model.states(captions)
         z = model.autoencoder.encode(images)
         t = torch.full((len(captions),), 0.5)
+        if any(p.is_meta for p in model.generation.parameters()):  # model.parallelism.meta_init: count on meta
+            z, t, states = z.to("meta"), t.to("meta"), states.to("meta")
         with FlopCounterMode(display=False) as counter:
             model(z, t, states)
     return counter.get_total_flops() / len(captions)

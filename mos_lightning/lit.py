@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from .alignment import Repa
+from .ema import Ema
 from .errors import ConfigError
 from .flow import LogitNormal, TimestepSampler, flow_loss, interpolate, velocity_target
 from .model.autoencoder import Autoencoder
@@ -17,6 +18,7 @@ from .model.fusion import MoSFusion
 from .model.generation import GenerationTower
 from .model.text_to_image import FusionFactory, TextToImage
 from .model.understanding import UnderstandingTower
+from .parallel import Parallelism, parallelize
 from .sampling import generate
 from .seeds import mix_seed
 from .types import Batch
@@ -39,7 +41,12 @@ class MoSModule(L.LightningModule):
         sample_steps, cfg_scale, sample_shift: defaults for `sample` and the sample-grid callback.
         repa: an optional REPA alignment loss on one generation block (alignment.Repa); training only, so
             val/loss stays Eq. 1's and comparable across arms.
-        compile: torch.compile the generation tower's blocks and the MoS router's (TextToImage.compile_regions).
+        ema: an optional EMA of the model's trainable parameters (ema.Ema); when set, validation, evaluation,
+            the sample grid and `sample` use the averaged weights; the average is in the state dict (`ema.*`).
+        parallelism: activation checkpointing and how the frozen tower is placed under FSDP2 (parallel.Parallelism);
+            sharding itself happens only under Lightning's ModelParallelStrategy (docs/scaling.md).
+        compile: torch.compile the generation tower's blocks and the MoS router's (TextToImage.compile_regions),
+            in `configure_model` (before any sharding).
             A one-off cold compile (a training and a no-grad graph per region), cached on disk by inductor
             for later runs, for faster steps after it (docs/performance.md). Needs a C++ compiler on CPU
             (checked in `setup`).
@@ -51,21 +58,27 @@ class MoSModule(L.LightningModule):
                  lr: float = 1e-4, min_lr: float = 1.5e-5, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 4000,
                  val_timesteps: Sequence[float] = (0.2, 0.4, 0.6, 0.8), sample_steps: int = 20, cfg_scale: float = 1.0,
-                 sample_shift: float = 1.0, repa: Repa | None = None, compile: bool = False):
+                 sample_shift: float = 1.0, repa: Repa | None = None, ema: Ema | None = None,
+                 parallelism: Parallelism | None = None, compile: bool = False):
         super().__init__()
         # logger=False: the CLI logs each arm's HParams itself, with its final metrics (results.log_row).
         self.save_hyperparameters(logger=False, ignore=["understanding", "generation", "fusion", "autoencoder",
-                                                        "timesteps", "repa"])
+                                                        "timesteps", "repa", "ema", "parallelism"])
         self.strict_loading = False  # checkpoints leave out the frozen understanding tower
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} out of range: allowed [0, 1)")
-        self.model = TextToImage(understanding or UnderstandingTower(), generation or GenerationTower(),
-                                 fusion or MoSFusion, autoencoder, prediction)
+        self.parallelism, self._configured = parallelism or Parallelism(), False
+        understanding = understanding or UnderstandingTower()
+        with torch.device("meta") if self.parallelism.meta_init else nullcontext():  # materialised in configure_model
+            self.model = TextToImage(understanding, generation or GenerationTower(), fusion or MoSFusion,
+                                     autoencoder, prediction)
         self.repa = repa
         if repa is not None:
             repa.bind(self.model.generation)
-        if compile:  # kept in hparams only: an attribute would shadow nn.Module.compile
-            self.model.compile_regions()
+        self.register_state_dict_post_hook(drop_frozen)
+        self.ema = ema
+        if ema is not None:
+            ema.bind(self.model.named_parameters())
         self.timesteps = timesteps or LogitNormal()
         self.caption_dropout = caption_dropout
         self.lr, self.min_lr, self.weight_decay, self.betas = lr, min_lr, weight_decay, tuple(betas)
@@ -73,16 +86,30 @@ class MoSModule(L.LightningModule):
         self.sample_steps, self.cfg_scale, self.sample_shift = sample_steps, cfg_scale, sample_shift
 
     def setup(self, stage: str) -> None:
+        self.parallelism.check_device(self.trainer.strategy.root_device)
         if self.hparams.compile:
             check_compiler(self.trainer.strategy.root_device)
+
+    def configure_model(self) -> None:
+        """Compile and, under ModelParallelStrategy, shard (parallel.parallelize); once, however many times a
+        trainer asks (`fit` validates first, then fits)."""
+        if self._configured:
+            return
+        self._configured = True
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        parallelize(self.model, None if mesh is None else mesh["data_parallel"], self.parallelism,
+                    compile=self.hparams.compile, extra=[self.repa.projector] if self.repa is not None else [],
+                    device=self.trainer.strategy.root_device if self._trainer is not None else "cpu")
+        if self.ema is not None:  # sharding (or materialising) replaced the parameters
+            self.ema.bind(self.model.named_parameters())
 
     def loss(self, batch: Batch, t: torch.Tensor, drop: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample Eq. 1 loss at timesteps t; the noise z1 comes from `generator` (global RNG if None)."""
         z0 = self.model.autoencoder.encode(batch.images)
         noise = torch.randn(z0.shape, generator=generator, device="cpu" if generator is not None else z0.device).to(z0)
-        states = self.model.states(batch.captions, drop)
-        velocity, _ = self.model(interpolate(z0, noise, t), t, states)
+        states = self.model.states(batch.captions)
+        velocity, _ = self.model(interpolate(z0, noise, t), t, states, drop)
         self.latent_grid = (z0.shape[-2] // self.model.generation.patch_size,
                             z0.shape[-1] // self.model.generation.patch_size)
         return flow_loss(velocity, velocity_target(z0, noise))
@@ -105,6 +132,30 @@ class MoSModule(L.LightningModule):
             self.log("train/repa", alignment, batch_size=n)
             loss = loss + self.repa.weight * alignment
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A parameter an arm never uses (cross-attention leaves the blocks' context norms idle) gets a zero
+        # gradient, so the optimiser holds a state for every parameter: a sharded checkpoint's load asks for one.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: ModelCheckpoint saves in its on_train_batch_end, which runs first.
+        if self.ema is not None:
+            self.ema.update(self.trainer.global_step + 1)  # global_step counts this step once the hook returns
+
+    def on_validation_epoch_start(self) -> None:
+        # Module hooks run after the callbacks' at epoch start and end, so the Evaluation, sample-grid and
+        # router callbacks see the EMA weights, and ModelCheckpoint (on_validation_end) the raw ones.
+        if self.ema is not None:
+            self.ema.swap()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None:
+            self.ema.swap()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = []
@@ -133,12 +184,6 @@ class MoSModule(L.LightningModule):
         finally:
             self.train(was_training)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The frozen tower and the autoencoder are not ours to save: they reload from their paths."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(("model.understanding.", "model.autoencoder."))]:
-            del state[key]
-
     def configure_optimizers(self):
         decay, no_decay = [], []
         trainable = [*self.model.named_parameters(), *(self.repa.named_parameters() if self.repa else [])]
@@ -165,6 +210,14 @@ def check_compiler(device: torch.device) -> None:
     except Exception as err:  # inductor's InvalidCxxCompiler, or whatever its search raises
         raise ConfigError(f"model.compile=true on CPU needs a C++ compiler for torch.compile, and none was found "
                           f"({type(err).__name__}); install g++ or set --model.compile=false") from None
+
+
+def drop_frozen(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """The frozen tower and the autoencoder are not ours to save: they reload from their paths. Left out of
+    the state dict itself (not only the checkpoint), so a sharded checkpoint's load does not ask for them."""
+    frozen = (f"{prefix}model.understanding.", f"{prefix}model.autoencoder.")
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
 
 
 def warmup_cosine(warmup: int, total: int, floor: float) -> Callable[[int], float]:

@@ -56,7 +56,7 @@ def generate(model, captions: list[str], image_size: tuple[int, int], steps: int
     shape = (len(captions), model.generation.channels, image_size[0] // factor, image_size[1] // factor)
     noise = torch.randn(shape, generator=generator).to(device)
     states = model.states(captions)
-    null = model.null_states(states)
+    unconditional = torch.ones(len(captions), dtype=torch.bool, device=device)
 
     def conditional(z, t):
         v, conditioning = model(z, t, states)
@@ -64,5 +64,5 @@ def generate(model, captions: list[str], image_size: tuple[int, int], steps: int
             routings.append(conditioning.routing)
         return v
 
-    velocity = classifier_free(conditional, lambda z, t: model(z, t, null)[0], cfg_scale)
+    velocity = classifier_free(conditional, lambda z, t: model(z, t, states, unconditional)[0], cfg_scale)
     return model.autoencoder.decode(euler(velocity, noise, steps, shift, on_step))

@@ -42,6 +42,10 @@ class TowerStates:
     def num_layers(self) -> int:
         return self.hidden.shape[1]
 
+    def to(self, device) -> TowerStates:
+        kv = None if self.keys_values is None else self.keys_values.to(device)
+        return TowerStates(self.hidden.to(device), self.mask.to(device), kv)
+
 
 @dataclass
 class Routing:

@@ -95,6 +95,8 @@ BAD = [
     (["--data.init_args.image_size=30"], "not divisible by model.generation.patch_size"),
     (["--model.understanding.init_args.path=/nonexistent/tower"], "does not exist"),
     (["--model.understanding.init_args.path=" + str(ROOT / "experiments")], "not a transformers model"),
+    (["--model.parallelism.kernels=cuda"], "model.parallelism.kernels='cuda': allowed 'eager', 'triton'"),
+    (["--model.parallelism.kernels=triton"], "model.parallelism.kernels='triton' needs a CUDA device"),
 ]
 
 

@@ -88,3 +88,27 @@ def test_ckpt_path_over_several_arms_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli_main(["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--ckpt_path=x.ckpt"])
     assert stop.value.code == 2 and "--ckpt_path resumes one arm; add --arm NAME" in capsys.readouterr().err
+
+
+class OptimizerStateCheck(L.Callback):
+    """Records, after training, the trainable parameters the optimiser holds no state for."""
+
+    missing: dict[str, list[str]] = {}
+
+    def on_train_end(self, trainer, pl_module):
+        state = trainer.optimizers[0].state
+        OptimizerStateCheck.missing[trainer.logger.version] = [
+            n for n, p in pl_module.named_parameters() if p.requires_grad and p not in state]
+
+
+def test_every_trainable_parameter_has_optimizer_state(tmp_path):
+    """A sharded checkpoint's load asks for a state per parameter: cross-attention leaves the blocks' context
+    norms idle, and they must still get one (a zero gradient), or FSDP2 resume fails."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"max_steps": 1, "limit_val_batches": 0, "callbacks": [
+        {"class_path": "test_resume.OptimizerStateCheck"}]}}))
+    cli_main(["fit", "--config", str(ROOT / "experiments" / "fusion.yaml"), "--config",
+              str(ROOT / "tests" / "tiny.yaml"), "--config", str(overlay),
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert sorted(OptimizerStateCheck.missing) == ["cross_attn", "mos", "self_attn"]
+    assert all(names == [] for names in OptimizerStateCheck.missing.values()), OptimizerStateCheck.missing

@@ -44,12 +44,13 @@ def tiny_run(out_dir: str | Path, experiment: str | Path = ROUTER_INPUTS,
     return {arm: out_dir / name / arm for arm in arms}
 
 
-def load_run(path: str | Path):
-    """A MoSModule from a run folder (its newest checkpoint) or from a checkpoint file inside one."""
+def load_run(path: str | Path, trust: Sequence[str] = ()):
+    """A MoSModule from a run folder (its newest checkpoint) or from a checkpoint file inside one; `trust`:
+    module prefixes beyond the kit's, lightning's and torch's that the run's config may name."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        return load_module(path.parent.parent, path)  # <run>/checkpoints/<name>.ckpt
-    return load_module(path, newest_checkpoint(path))
+        return load_module(path.parent.parent, path, trust)  # <run>/checkpoints/<name>.ckpt
+    return load_module(path, newest_checkpoint(path), trust)
 
 
 def resolve_runs(run: str | None, other: str | None, out_dir: str | Path, steps: int = 12) -> dict[str, Path]:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from ..callbacks.preemption import Preemption
 from ..callbacks.progress import StepProgress
+from ..checkpoints import newest_complete
 from ..errors import ConfigError
 from ..lit import MoSModule
 from ..machine import choose_precision, device_type
+from ..model.generation import GenerationTower
 
 BASE_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "base.yaml")
 
@@ -32,8 +37,18 @@ class MoSCLI(LightningCLI):
                          parser_kwargs=parser_kwargs, args=args, run=run, seed_everything_default=0, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Precision and the frozen tower's dtype from the hardware, unless the config names them."""
+        """Checkpoints read as weights only; precision and the frozen tower's dtype from the hardware, unless
+        the config names them."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if "weights_only" in config:  # fit/validate/test/predict --ckpt_path: a checkpoint must not run code
+            if config.weights_only is False:
+                raise ConfigError("weights_only=false: a checkpoint read that way can run any code pickled into "
+                                  "it; the kit's checkpoints load with weights_only=true (leave it unset)")
+            config.weights_only = True
+        parallelism = config.model.get("parallelism")
+        self.meta_init = bool(parallelism is not None and parallelism.get("meta_init"))
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = resolve_last(config.trainer)
         precision, dtype, why = choose_precision(device_type(config.trainer.get("accelerator")))
         chosen = []
         if config.trainer.get("precision") is None:
@@ -47,12 +62,25 @@ class MoSCLI(LightningCLI):
             print(f"precision: {', '.join(chosen)}: {why}; set --trainer.precision or "
                   "--model.understanding.init_args.dtype to override", file=sys.stderr)
 
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        self.parser.add_instantiator(self._build_generation, GenerationTower, subclasses=True, prepend=True)
+
+    def _build_generation(self, class_type, *args, **kwargs):
+        """model.parallelism.meta_init: the generation tower on the meta device (MoSModule builds the rest of the
+        trainable model there; parallel.materialize allocates each rank's shard after sharding)."""
+        kwargs.pop("applied_instantiation_links", None)
+        with torch.device("meta") if getattr(self, "meta_init", False) else nullcontext():
+            return class_type(*args, **kwargs)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         """The step display replaces Lightning's default bar, whose "Epoch 0/-2" means nothing in a
         step-budgeted run and which prints nothing to a log that is not a terminal."""
-        given = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ProgressBar)]
-        if config.get("enable_progress_bar") is not False and not given:
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, self.progress or StepProgress()]
+        if not any(isinstance(c, Preemption) for c in given):  # always: a preempted run must not exit 0
+            callbacks = [*callbacks, Preemption()]
         return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -82,6 +110,23 @@ class MoSCLI(LightningCLI):
         summary = getattr(self.datamodule, "skipped_summary", lambda: "")()
         if summary:
             print(f"data: {summary}", file=sys.stderr)  # skipped samples are counted, never silent
+
+
+def resolve_last(trainer_config) -> str | None:
+    """`--ckpt_path last`: the newest complete checkpoint in the run's checkpoints/ folder (a save killed half-way
+    is skipped and said so); None, so the run starts from step 0, when there is none yet (a first submission)."""
+    logger = trainer_config.get("logger")
+    args = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
+    if args is None or args.get("save_dir") is None:
+        raise ConfigError("--ckpt_path last needs trainer.logger with a save_dir (it finds the run's folder); "
+                          "pass a checkpoint file instead")
+    folder = Path(args.save_dir) / str(args.get("name") or "") / str(args.get("version") or "") / "checkpoints"
+    path, skipped = newest_complete(folder)
+    for bad in skipped:
+        print(f"--ckpt_path last: skipped {bad} (incomplete: a save that did not finish)", file=sys.stderr)
+    print(f"--ckpt_path last: {path or f'no complete checkpoint in {folder}; starting from step 0'}",
+          file=sys.stderr)
+    return None if path is None else str(path)
 
 
 def check_image_size(model: MoSModule, datamodule) -> None:

@@ -10,6 +10,8 @@ SUBCOMMANDS = {
     "sample": ("sample", "sample_main", "generate images for prompts from a trained run's checkpoint"),
     "cache": ("cache", "cache_main", "fill the understanding tower's disk cache for a config's captions"),
     "table": ("table", "table_main", "rebuild an experiment's table from its runs' event files"),
+    "consolidate": ("consolidate", "consolidate_main", "turn a sharded (FSDP2) checkpoint folder into one file"),
+    "describe": ("describe", "describe_main", "a config's parameters, FLOPs and bytes per rank, without weights"),
     "validate": (None, None, "LightningCLI's validate (also test, predict) with the packaged base config"),
 }
 

@@ -15,6 +15,10 @@ from .blocks import Block
 from .embeddings import TimestepEmbedding, rope_2d, sincos_2d
 
 
+def init_registers(p: torch.Tensor) -> torch.Tensor:
+    return nn.init.normal_(p, std=0.02)
+
+
 class GenerationTower(nn.Module):
     """Patchify -> [registers ; image tokens] -> n blocks with per-block context -> unpatchify.
 
@@ -41,7 +45,7 @@ class GenerationTower(nn.Module):
                               f"({width}/{heads}) divisible by 4; null turns rotary positions off")
         self.width, self.depth, self.heads, self.patch_size, self.channels = width, depth, heads, patch_size, None
         self.rope_theta = rope_theta
-        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
+        self.registers = nn.Parameter(init_registers(torch.empty(registers, width)))
         self.timestep = TimestepEmbedding(width) if timestep_embedding else None
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.RMSNorm(width)
@@ -60,8 +64,16 @@ class GenerationTower(nn.Module):
         self.channels, area = channels, self.patch_size * self.patch_size
         self.patch_embed = nn.Linear(area * channels, self.width)
         self.head = nn.Linear(self.width, area * channels)
+        self.zero_head()
+
+    def zero_head(self) -> None:
         nn.init.zeros_(self.head.weight)  # start by predicting zero velocity (DiT-style)
         nn.init.zeros_(self.head.bias)
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters (the registers) and the zero head, after the children's own init."""
+        init_registers(self.registers)
+        self.zero_head()
 
     def check_image_size(self, height: int, width: int) -> None:
         if height % self.patch_size or width % self.patch_size:

@@ -107,7 +107,10 @@ class SampleWiseRouter(MoSRouter):
 
     def __init__(self, geometry: TowerGeometry, *args, **kwargs):
         super().__init__(geometry, *args, **kwargs)
-        self.cls = nn.Parameter(torch.randn(self.prompt.out_features) * 0.02)
+        self.cls = nn.Parameter(nn.init.normal_(torch.empty(self.prompt.out_features), std=0.02))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.cls, std=0.02)
 
     def forward(self, states: TowerStates, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         seq, ignore = self.tokens(states, latent, t)

@@ -40,10 +40,17 @@ class TextToImage(nn.Module):
         self.fusion = fusion(self.geometry)
         understanding.capture_keys_values = self.fusion.reads_keys_values
         # the learned null context for caption dropout and classifier-free guidance
-        self.null_context = nn.Parameter(torch.randn(self.geometry.understanding_layers, understanding.width) * 0.02)
+        self.null_context = nn.Parameter(torch.empty(self.geometry.understanding_layers, understanding.width))
         kv_width = understanding.kv_heads * understanding.head_dim
-        self.null_keys_values = nn.Parameter(torch.randn(self.geometry.understanding_layers - 1, 2, kv_width) * 0.02) \
+        self.null_keys_values = nn.Parameter(torch.empty(self.geometry.understanding_layers - 1, 2, kv_width)) \
             if self.fusion.reads_keys_values else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The null context (this module's own parameters; the towers and the fusion init their own)."""
+        for p in (self.null_context, self.null_keys_values):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
 
     def states(self, captions: list[str], drop: torch.Tensor | None = None) -> TowerStates:
         """U(c) for every caption; rows where `drop` is True get the null context instead."""
@@ -61,11 +68,13 @@ class TextToImage(nn.Module):
             kv = torch.where(drop[:, None, None, None, None], null_kv.expand_as(kv), kv)
         return TowerStates(hidden=hidden, mask=torch.where(drop[:, None], first_only, states.mask), keys_values=kv)
 
-    def null_states(self, like: TowerStates) -> TowerStates:
-        return self.with_null(like, torch.ones(like.mask.shape[0], dtype=torch.bool, device=like.mask.device))
-
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, states: TowerStates) -> tuple[torch.Tensor, Conditioning]:
-        """-> velocity (B, C, H, W) and the conditioning (with the Routing for MoS)."""
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, states: TowerStates,
+                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditioning]:
+        """-> velocity (B, C, H, W) and the conditioning (with the Routing for MoS). Rows where `drop` is True
+        see the null context (caption dropout, CFG's unconditional branch): applied here, inside forward,
+        because a sharded model's own parameters (null_context) are whole only during its forward."""
+        if drop is not None:
+            states = self.with_null(states, drop)
         tokens = self.generation.patchify(z_t)  # (B, N, D_g), shared with the router (§3.2)
         conditioning = self.fusion(states, tokens, t)
         output = self.generation(z_t, t, conditioning, tokens=tokens)

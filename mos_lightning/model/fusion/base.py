@@ -37,8 +37,14 @@ class LayerProjections(nn.Module):
 
     def __init__(self, layers: int, d_in: int, d_out: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(layers, d_in, d_out) / math.sqrt(d_in))
-        self.bias = nn.Parameter(torch.zeros(layers, d_out))
+        self.weight = nn.Parameter(torch.empty(layers, d_in, d_out))
+        self.bias = nn.Parameter(torch.empty(layers, d_out))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.normal_().div_(math.sqrt(self.weight.shape[1]))
+        self.bias.zero_()
 
     def forward(self, mixed: torch.Tensor) -> torch.Tensor:
         """(B, n, L, D_u) -> (B, n, L, D_g), contiguous: einsum's output layout varies with the mode, and each

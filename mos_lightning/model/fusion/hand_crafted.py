@@ -30,8 +30,13 @@ class HandCraftedFusion(Fusion):
         if len(layers) != n or not all(0 <= i < m for i in layers):
             raise ConfigError(f"fusion.layers={layers}: need {n} indices (one per generation layer), "
                               f"each in 0..{m - 1}")
+        self.layer_indices = layers
         self.register_buffer("layers", torch.tensor(layers), persistent=False)
         self.proj = LayerProjections(n, geometry.understanding_width, geometry.generation_width)
+
+    def reset_parameters(self) -> None:
+        """Refill the fixed indices (a buffer left uninitialised by materialising from the meta device)."""
+        self.layers.copy_(torch.tensor(self.layer_indices))
 
     def one_hot(self, states: TowerStates) -> torch.Tensor:
         """The fixed routing as an (B, L, m, n) matrix, for visualisation and cross-checks."""

@@ -1,0 +1,108 @@
+"""A preempted fit (SIGTERM, or SIGUSR1 as SLURM sends before requeueing) saves a checkpoint, exits non-zero,
+and `--ckpt_path last` continues to the same losses as the run that was never interrupted; a half-written
+checkpoint is never picked."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mos_lightning.checkpoints import is_complete, newest_complete
+from mos_lightning.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+def _overlay(tmp_path: Path, record: Path) -> Path:
+    callbacks = [{"class_path": "test_resume.BatchRecorder", "init_args": {"path": str(record)}}]
+    overlay = {"trainer": {"max_steps": STEPS, "val_check_interval": 1000, "limit_val_batches": 1,
+                           "callbacks": callbacks}}
+    path = tmp_path / f"overlay_{record.stem}.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return path
+
+
+def _args(tmp_path: Path, name: str, *overlays: Path) -> list[str]:
+    record = tmp_path / f"{name}.jsonl"
+    configs = [a for path in overlays for a in ("--config", str(path))]
+    return ["fit", "--config", str(ROOT / "experiments" / "router_inputs.yaml"), "--config",
+            str(ROOT / "tests" / "tiny.yaml"), *configs, "--config", str(_overlay(tmp_path, record)), "--arm",
+            "prompt", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+
+
+def _losses(path: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def _preempt(tmp_path: Path, name: str, signum: int, *overlays: Path) -> subprocess.CompletedProcess:
+    """A subprocess fit, sent `signum` once it has taken a few steps (rank 0 only, under several processes)."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path)
+    record = tmp_path / f"{name}.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "mos_lightning", *_args(tmp_path, name, *overlays)], env=env,
+                            cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (record.exists() and len(record.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the fit took no steps in 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_a_checkpoint_and_exits_non_zero(tmp_path, signum):
+    done = _preempt(tmp_path, "preempted", signum)
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    saved = list((tmp_path / "runs" / "router_inputs" / "prompt" / "checkpoints").glob("preempted-step=*.ckpt"))
+    assert len(saved) == 1 and is_complete(saved[0])
+    step = torch.load(saved[0], map_location="cpu", weights_only=True)["global_step"]
+    assert 3 <= step < STEPS and saved[0].name == f"preempted-step={step}.ckpt"
+    assert f"preempted by {signal.Signals(signum).name} after step {step}" in done.stderr
+
+
+def test_resume_from_last_continues_exactly(tmp_path):
+    (tmp_path / "full").mkdir()
+    cli_main(_args(tmp_path / "full", "full"))
+    full = _losses(tmp_path / "full" / "full.jsonl")
+    done = _preempt(tmp_path, "first", signal.SIGTERM)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    folder = tmp_path / "runs" / "router_inputs" / "prompt" / "checkpoints"
+    (saved,) = folder.glob("preempted-step=*.ckpt")
+    half = folder / "zz-killed.ckpt"  # what a save killed half-way leaves, and newer than the good one
+    half.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    cli_main([*_args(tmp_path, "resumed"), "--ckpt_path", "last"])
+    first, resumed = _losses(tmp_path / "first.jsonl"), _losses(tmp_path / "resumed.jsonl")
+    step = min(resumed)
+    assert step == torch.load(saved, map_location="cpu", weights_only=True)["global_step"]
+    assert sorted(resumed) == list(range(step, STEPS))
+    assert {s: first[s] for s in range(step)} == {s: full[s] for s in range(step)}
+    assert resumed == {s: full[s] for s in range(step, STEPS)}  # bit for bit, every step after the signal
+
+
+def test_last_with_nothing_saved_starts_from_step_zero(tmp_path, capsys):
+    cli_main([*_args(tmp_path, "fresh"), "--ckpt_path", "last", "--trainer.max_steps", "2"])
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert sorted(_losses(tmp_path / "fresh.jsonl")) == [0, 1]
+
+
+def test_newest_complete_skips_a_truncated_file(tmp_path, rng):
+    older, newer = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    torch.save({"w": torch.randn(64, 64, generator=rng)}, older)
+    torch.save({"w": torch.randn(64, 64, generator=rng)}, newer)
+    assert newest_complete(tmp_path) == (newer, [])
+    newer.write_bytes(newer.read_bytes()[:-100])
+    os.utime(newer, (time.time() + 5, time.time() + 5))
+    assert not is_complete(newer) and is_complete(older)
+    assert newest_complete(tmp_path) == (older, [newer])
+    (tmp_path / "c.ckpt").write_bytes(b"not a checkpoint")
+    assert newest_complete(tmp_path)[0] == older
