@@ -62,7 +62,30 @@ def test_fit_logs_fid_clip_and_shapes_eval_per_arm(tmp_path):
     assert record["metrics"]["val/fid"] == pytest.approx(row["val/fid"])
 
 
+def test_final_samples_per_prompt_averages_over_seeds(tmp_path):
+    """Three images per prompt at the end: the first repeat is what one sample per prompt gives (same seeds),
+    ShapesEval over all is the mean of the repeats' (categories are balanced), FID is over one per prompt."""
+    prompts = {"class_path": "mos_lightning.evaluation.prompts.ShapesPrompts", "init_args": {"per_category": 2}}
+
+    def record(name: str, **settings) -> dict:
+        (tmp_path / name).mkdir()
+        _fit(tmp_path / name, {"prompts": prompts, **settings})
+        return json.loads(next((tmp_path / name / "router_inputs" / "prompt" / "eval").glob("step=*.json")).read_text())
+
+    one, three = record("one"), record("three", final_samples_per_prompt=3)
+    assert (one["samples_per_prompt"], three["samples_per_prompt"]) == (1, 3)
+    assert three["count"] == three["fid"]["settings"]["num_samples"] == 12
+    assert three["shapes_per_repeat"][0] == one["shapes_per_repeat"][0]
+    assert three["metrics"]["val/fid"] == pytest.approx(one["metrics"]["val/fid"])
+    for c in (*CATEGORIES, "overall"):
+        mean = sum(r[c] for r in three["shapes_per_repeat"]) / 3
+        assert three["metrics"][f"val/shapes/{c}"] == pytest.approx(mean)
+    assert Evaluation(samples_per_prompt=2, final_samples_per_prompt=4, every_n_validations=3).images_sampled(7) \
+        == len(ShapesPrompts()) * (4 + 2 * 2)
+
+
 @pytest.mark.parametrize("evaluation, message", [
+    ({"samples_per_prompt": 0}, "samples_per_prompt: must be an int >= 1"),
     ({"clip_model": "no-such-clip"}, "no-such-clip"),
     ({"fid_extractor": "inception-v3-compat", "fid_weights": "/nonexistent/pt_inception.pth"}, "weights_path"),
     ({"fid_extractor": "vgg"}, "extractor"),
