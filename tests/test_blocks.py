@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mos_lightning.errors import ConfigError
-from mos_lightning.model.blocks import Block, attention, naive_block
+from mos_lightning.model.blocks import Block, attention, ffn_hidden, naive_block
 from mos_lightning.model.embeddings import apply_rope, rope_2d
 from mos_lightning.model.generation import GenerationTower
 
@@ -104,3 +104,14 @@ def test_rope_settings_are_checked():
     with pytest.raises(ConfigError, match="rope_theta"):
         GenerationTower(width=32, depth=1, heads=2, rope_theta=1.0)
     GenerationTower(width=24, depth=1, heads=4, rope_theta=None)  # absolute positions only: any head dim
+
+
+@pytest.mark.parametrize("dim, multiple", [(192, 1), (64, 1), (2048, 128), (3584, 128), (1792, 128), (100, 7)])
+def test_ffn_hidden_width(dim, multiple):
+    """2/3 of 4 x dim, rounded up to `multiple`; 1 keeps the embedded widths (512 at 192) as they were."""
+    hidden = ffn_hidden(dim, 4.0, multiple)
+    exact = int(dim * 8 / 3)
+    assert hidden % multiple == 0 and exact <= hidden < exact + multiple
+    assert Block(dim, 4, ffn_multiple=multiple).ffn.down.in_features == hidden
+    with pytest.raises(ConfigError, match="ffn_multiple=0"):
+        ffn_hidden(dim, 4.0, 0)

@@ -37,6 +37,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
+def ffn_hidden(dim: int, mlp_ratio: float = 4.0, multiple: int = 1) -> int:
+    """SwiGLU's hidden width: 2/3 of mlp_ratio x dim (the parameters of a plain 4x MLP), rounded up to a multiple
+    of `multiple`. On a GPU an odd width (5461 at dim 2048) runs its matmuls at a third of the aligned rate
+    (benchmarks/results/gpu_nvidia-h200_2026-12-04.md); 1 keeps the width as computed."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError(f"ffn_multiple={multiple!r}: must be an int >= 1")
+    return -(-int(dim * mlp_ratio * 2 / 3) // multiple) * multiple
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -52,7 +61,7 @@ class Block(nn.Module):
     """One generation-tower block (App. A: QK-norm, modality-specific norms, registers upstream).
     `context=False` builds it for self-attention only (the router's blocks): no norm for context tokens."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context: bool = True):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context: bool = True, ffn_multiple: int = 1):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"generation.width ({dim}) must be divisible by generation.heads ({heads})")
@@ -65,7 +74,7 @@ class Block(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads)
         self.out = nn.Linear(dim, dim, bias=False)
         self.norm_ffn = nn.RMSNorm(dim)
-        self.ffn = SwiGLU(dim, int(dim * mlp_ratio * 2 / 3))
+        self.ffn = SwiGLU(dim, ffn_hidden(dim, mlp_ratio, ffn_multiple))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = rearrange(self.kv(x), "b l (two h d) -> two b h l d", two=2, h=self.heads)

@@ -32,11 +32,13 @@ class GenerationTower(nn.Module):
         rope_theta: base of the 2-D rotary positions on image tokens' queries and keys (None: only the
             additive sin-cos positions). At the embedded budget RoPE turns scattered patches into whole
             objects (docs/training-recipe.md).
+        ffn_multiple: round each FFN's hidden width up to a multiple of this (blocks.ffn_hidden; 128 in the
+            paper-size overlays, for the GPU's matmul tiles); 1 keeps 2/3 x mlp_ratio x width.
     """
 
     def __init__(self, width: int = 192, depth: int = 6, heads: int = 6, patch_size: int = 4,
                  channels: int | None = None, mlp_ratio: float = 4.0, registers: int = 4,
-                 timestep_embedding: bool = False, rope_theta: float | None = 100.0):
+                 timestep_embedding: bool = False, rope_theta: float | None = 100.0, ffn_multiple: int = 1):
         super().__init__()
         if min(width, depth, heads, patch_size, 1 if channels is None else channels) < 1:
             raise ConfigError("generation: width, depth, heads, patch_size and channels must all be >= 1")
@@ -47,7 +49,7 @@ class GenerationTower(nn.Module):
         self.rope_theta = rope_theta
         self.registers = nn.Parameter(init_registers(torch.empty(registers, width)))
         self.timestep = TimestepEmbedding(width) if timestep_embedding else None
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, ffn_multiple=ffn_multiple) for _ in range(depth))
         self.norm_out = nn.RMSNorm(width)
         self.asked_channels = channels
         if channels is not None:

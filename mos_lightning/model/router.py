@@ -64,7 +64,7 @@ class MoSRouter(nn.Module):
     """Predicts, for every context token, the m x n routing logits W (token-wise, §3.2)."""
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, width: int = 64,
-                 depth: int = 2, heads: int = 2, modality_norms: bool = True):
+                 depth: int = 2, heads: int = 2, modality_norms: bool = True, ffn_multiple: int = 1):
         super().__init__()
         check_router_inputs(inputs)
         self.inputs = tuple(inputs)
@@ -74,7 +74,8 @@ class MoSRouter(nn.Module):
         self.norms = nn.ModuleDict({name: nn.RMSNorm(width) if modality_norms else shared for name in self.inputs})
         self.latent = nn.Linear(geometry.generation_width, width) if "latent" in self.inputs else None
         self.timestep = TimestepEmbedding(width) if "timestep" in self.inputs else None
-        self.blocks = nn.ModuleList(Block(width, heads, context=False) for _ in range(depth))  # bidirectional
+        self.blocks = nn.ModuleList(Block(width, heads, context=False, ffn_multiple=ffn_multiple)
+                                    for _ in range(depth))  # bidirectional
         self.norm_out = nn.RMSNorm(width)
         self.head = nn.Linear(width, self.m * self.n)
 

@@ -24,13 +24,16 @@ class MoSFusion(Fusion):
         router_width, router_depth, router_heads: size of the lightweight router transformer. Two heads of 32 at
             width 64: the softmax dominates the router's own cost, and fewer heads halve it (docs/performance.md).
         modality_norms: one RMSNorm per router input (App. B.2) rather than one shared.
+        router_ffn_multiple: the router blocks' FFN hidden width rounded up to a multiple of this (as the
+            generation tower's ffn_multiple).
     """
 
     router_class = MoSRouter
 
     def __init__(self, geometry: TowerGeometry, inputs: Sequence[str] = ROUTER_INPUTS, top_k: int = 2,
                  epsilon: float = 0.05, renormalize: bool = False, router_width: int = 64,
-                 router_depth: int = 2, router_heads: int = 2, modality_norms: bool = True):
+                 router_depth: int = 2, router_heads: int = 2, modality_norms: bool = True,
+                 router_ffn_multiple: int = 1):
         super().__init__(geometry)
         m, n = self.routed_layers(geometry), geometry.generation_layers
         if not 1 <= top_k <= m:
@@ -40,7 +43,8 @@ class MoSFusion(Fusion):
             raise ConfigError(f"fusion.epsilon={epsilon} is out of range: allowed [0, 1]")
         self.top_k, self.epsilon, self.renormalize = top_k, epsilon, renormalize
         routed = replace(geometry, understanding_layers=m)
-        self.router = self.router_class(routed, inputs, router_width, router_depth, router_heads, modality_norms)
+        self.router = self.router_class(routed, inputs, router_width, router_depth, router_heads, modality_norms,
+                                        router_ffn_multiple)
         self.proj = LayerProjections(n, *self.projection_widths(geometry))
 
     def routed_layers(self, geometry: TowerGeometry) -> int:
