@@ -106,3 +106,44 @@ def test_newest_complete_skips_a_truncated_file(tmp_path, rng):
     assert newest_complete(tmp_path) == (older, [newer])
     (tmp_path / "c.ckpt").write_bytes(b"not a checkpoint")
     assert newest_complete(tmp_path)[0] == older
+
+
+SAVER = """
+import sys, time, torch
+import torch.distributed.checkpoint as dcp
+kind, path = sys.argv[1], sys.argv[2]
+state = {f"w{i}": torch.randn(1024, 1024) for i in range(64)}  # 256 MB: the write takes a while
+print("writing", flush=True)
+if kind == "file":
+    torch.save(state, path)
+else:
+    dcp.save(state, checkpoint_id=path)
+"""
+
+
+@pytest.mark.slow  # two subprocesses writing 256 MB each
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_save_killed_half_way_is_never_picked(tmp_path, kind):
+    """SIGKILL a process while it writes a checkpoint (torch.save, or torch.distributed.checkpoint's folder):
+    newest_complete passes over what it left and takes the older complete one."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    older = folder / "step=1.ckpt"
+    torch.save({"w": torch.randn(8, 8)}, older)
+    target = folder / "step=2.ckpt"
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, kind, str(target)], stdout=subprocess.PIPE, text=True)
+    assert saver.stdout.readline().strip() == "writing"
+    deadline = time.time() + 120
+    while time.time() < deadline and not _bytes_written(target):
+        time.sleep(0.005)
+    saver.kill()
+    saver.wait()
+    assert _bytes_written(target), "the saver was killed before it wrote anything: nothing was tested"
+    assert not is_complete(target)
+    assert newest_complete(folder) == (older, [target])
+
+
+def _bytes_written(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
