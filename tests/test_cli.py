@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from mos_lightning.cli import MoSCLI, arm_args, cli_main, read_experiment
+from mos_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "tiny.yaml")
@@ -130,3 +131,13 @@ def test_compile_without_a_cpp_compiler_is_a_config_error(tmp_path, capsys, monk
     from mos_lightning.lit import check_compiler
 
     check_compiler(torch.device("cpu"))  # this machine has one: no error
+
+
+def test_select_several_arms_keeps_the_experiment_order():
+    from mos_lightning.cli.arms import select_arms
+
+    experiment = read_experiment(["--config", str(ROOT / "experiments" / "router_inputs.yaml")])
+    assert list(select_arms(experiment, "prompt_latent_timestep, prompt")) == ["prompt", "prompt_latent_timestep"]
+    assert list(select_arms(experiment, None)) == ["prompt", "prompt_latent", "prompt_latent_timestep"]
+    with pytest.raises(ConfigError, match="'nope' is not an arm .* \\(several: --arm a,b\\)"):
+        select_arms(experiment, "prompt,nope")

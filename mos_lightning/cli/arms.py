@@ -41,13 +41,16 @@ def read_experiment(args: list[str]) -> dict:
 
 
 def select_arms(experiment: dict, arm: str | None) -> dict[str, dict]:
+    """The experiment's arms, or those `arm` names (one, or several comma-separated), in the experiment's order."""
     arms = experiment.get("arms") or {"default": {}}
     if arm is None:
         return arms
-    if arm not in arms:
-        raise ConfigError(f"--arm {arm!r} is not an arm of experiment {experiment['name']!r}; "
-                          f"allowed: {', '.join(arms)}")
-    return {arm: arms[arm]}
+    names = [name.strip() for name in arm.split(",")]
+    for name in names:
+        if name not in arms:
+            raise ConfigError(f"--arm {name!r} is not an arm of experiment {experiment['name']!r}; "
+                              f"allowed: {', '.join(arms)} (several: --arm a,b)")
+    return {name: overrides for name, overrides in arms.items() if name in names}
 
 
 def run_name(arm: str, seed: int | None) -> str:
