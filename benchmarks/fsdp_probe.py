@@ -120,13 +120,7 @@ def install_shared_noise(module, trainer) -> None:
         finally:
             current["draws"] = None
         module.latent_grid = (z0.shape[-2] // model.generation.patch_size, z0.shape[-1] // model.generation.patch_size)
-        loss = flow_loss(velocity, velocity_target(z0, noise)).mean()
-        module.log("train/loss", loss, prog_bar=True, batch_size=n)
-        if module.repa is not None:
-            alignment = module.repa.loss(batch.images, module.latent_grid).mean()
-            module.log("train/repa", alignment, batch_size=n)
-            loss = loss + module.repa.weight * alignment
-        return loss
+        return module.training_loss(flow_loss(velocity, velocity_target(z0, noise)).mean(), batch)
 
     module.training_step = training_step
 

@@ -125,7 +125,11 @@ class MoSModule(L.LightningModule):
         n = len(batch)
         t = self.timesteps(n, device=self.device)
         drop = torch.rand(n, device=self.device) < self.caption_dropout
-        loss = self.loss(batch, t, drop).mean()
+        return self.training_loss(self.loss(batch, t, drop).mean(), batch)
+
+    def training_loss(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Log the batch's Eq. 1 loss and add REPA's alignment term (if on): what a training step returns."""
+        n = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if self.repa is not None:
             alignment = self.repa.loss(batch.images, self.latent_grid).mean()

@@ -22,8 +22,10 @@ STEPS = 40
 
 def _overlay(tmp_path: Path, record: Path) -> Path:
     callbacks = [{"class_path": "test_resume.BatchRecorder", "init_args": {"path": str(record)}}]
+    # float32: losses are compared bit for bit between processes, which bf16 CPU kernels do not guarantee
     overlay = {"trainer": {"max_steps": STEPS, "val_check_interval": 1000, "limit_val_batches": 1,
-                           "callbacks": callbacks}}
+                           "callbacks": callbacks, "precision": "32-true"},
+               "model": {"understanding": {"init_args": {"dtype": "float32"}}}}
     path = tmp_path / f"overlay_{record.stem}.yaml"
     path.write_text(yaml.safe_dump(overlay))
     return path
