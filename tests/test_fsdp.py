@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import pytest
@@ -18,6 +19,9 @@ from mos_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ["prompt", "prompt_latent", "prompt_latent_timestep"]
+META = ["--model.parallelism.meta_init=true"]
+FLOAT32 = ["--trainer.precision=32-true", "--model.understanding.init_args.dtype=float32",
+           "--model.parallelism.param_dtype=float32"]
 
 
 class ShardProbe(L.Callback):
@@ -68,12 +72,32 @@ def _fit(tmp_path: Path, name: str, callbacks: list, steps: int, *extra: str, ar
     return tmp_path / name / "router_inputs"
 
 
+def _recorder(folder: Path, name: str) -> list[dict]:
+    return [{"class_path": "test_resume.BatchRecorder", "init_args": {"path": str(folder / f"{name}.jsonl")}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]
+
+
+class Fit(NamedTuple):
+    folder: Path  # the probes' and recorders' files
+    runs: Path  # <save_dir>/router_inputs
+
+
+@pytest.fixture(scope="module")
+def every_arm(tmp_path_factory) -> Fit:
+    """One 2-process FSDP2 fit of every arm at the default precision, built on the meta device, 6 steps with a
+    checkpoint at 3 and 6, probed: what three tests below read (one fit instead of three saves ~30 s)."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    probes = [{"class_path": "test_fsdp.ShardProbe", "init_args": {"path": str(folder / "probe")}},
+              {"class_path": "test_fsdp.MetaProbe", "init_args": {"path": str(folder / "meta")}}]
+    return Fit(folder, _fit(folder, "full", probes + _recorder(folder, "full"), 6, *META))
+
+
 @pytest.mark.slow  # two processes, three arms
-def test_fsdp2_fit_every_arm(tmp_path):
-    probe = {"class_path": "test_fsdp.ShardProbe", "init_args": {"path": str(tmp_path / "probe")}}
-    runs = _fit(tmp_path, "fsdp", [probe], 4)
+def test_fsdp2_fit_every_arm(every_arm, tmp_path):
+    folder, runs = every_arm
     for arm in ARMS:
-        ranks = [json.loads((tmp_path / f"probe.{arm}.rank{r}.json").read_text()) for r in (0, 1)]
+        ranks = [json.loads((folder / f"probe.{arm}.rank{r}.json").read_text()) for r in (0, 1)]
         for seen in ranks:
             assert seen["dtensor"] and all(seen["dtensor"]), f"{arm}: a trainable parameter is not sharded"
             assert seen["block_gathered"] and seen["block_dtype"] == "torch.bfloat16"  # App. A: gathered in bf16
@@ -86,17 +110,17 @@ def test_fsdp2_fit_every_arm(tmp_path):
         assert not torch.allclose(reference, torch.tensor(ranks[0]["head"][-1], dtype=torch.float64))
         torch.testing.assert_close(torch.tensor(ranks[0]["ema_head"], dtype=torch.float64), reference,
                                    rtol=1e-5, atol=1e-7)
-        (folder,) = (runs / arm / "checkpoints").glob("*.ckpt")
-        assert folder.is_dir() and is_complete(folder) and len(list(folder.glob("*.distcp"))) == 2
+        folders = sorted((runs / arm / "checkpoints").glob("*.ckpt"))
+        assert [f.name for f in folders] == ["step=3.ckpt", "step=6.ckpt"]
+        assert all(f.is_dir() and is_complete(f) and len(list(f.glob("*.distcp"))) == 2 for f in folders)
     rows = (runs / "results.md").read_text().splitlines()[2:]
     assert sorted(r.split("|")[1].strip() for r in rows) == ARMS
 
-    (folder,) = (runs / "prompt" / "checkpoints").glob("*.ckpt")
-    out = cli_main(["consolidate", str(folder)])
+    out = cli_main(["consolidate", str(runs / "prompt" / "checkpoints" / "step=6.ckpt")])
     checkpoint = torch.load(out, map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 4 and len(checkpoint["optimizer_states"]) == 1
+    assert checkpoint["global_step"] == 6 and len(checkpoint["optimizer_states"]) == 1
     head = checkpoint["state_dict"]["model.generation.head.weight"].double()
-    last = json.loads((tmp_path / "probe.prompt.rank0.json").read_text())["head"][-1]
+    last = json.loads((folder / "probe.prompt.rank0.json").read_text())["head"][-1]
     assert torch.equal(head, torch.tensor(last, dtype=torch.float64))  # the whole tensor, from both shards
     paths = cli_main(["sample", "--run", str(runs / "prompt"), "--ckpt_path", str(out), "--prompts", '["a red circle"]',
                       "--out", str(tmp_path / "samples"), "--steps", "2"])
@@ -117,51 +141,45 @@ class MetaProbe(L.Callback):
                 "block": model.generation.blocks[0].q.weight.to_local().tolist(),
                 "registers_std": model.generation.registers.full_tensor().std().item(),
                 "tower": sum(p.double().sum().item() for p in model.understanding.parameters())}
-        with open(f"{self.path}.rank{trainer.global_rank}.json", "w") as f:
+        with open(f"{self.path}.{trainer.logger.version}.rank{trainer.global_rank}.json", "w") as f:
             json.dump(seen, f)
 
 
 @pytest.mark.slow  # two processes
-def test_fsdp2_meta_init_materializes_each_rank_its_own_shard(tmp_path):
+def test_fsdp2_meta_init_materializes_each_rank_its_own_shard(every_arm):
     from mos_lightning.model.understanding import UnderstandingTower
 
-    probe = {"class_path": "test_fsdp.MetaProbe", "init_args": {"path": str(tmp_path / "meta")}}
-    runs = _fit(tmp_path, "meta", [probe], 2, "--model.parallelism.meta_init=true", arm="prompt")
-    ranks = [json.loads((tmp_path / f"meta.rank{r}.json").read_text()) for r in (0, 1)]
     tower = sum(p.double().sum().item() for p in UnderstandingTower().parameters())
-    for seen in ranks:
-        assert seen["meta"] == []
-        assert seen["tower"] == pytest.approx(tower, rel=1e-12)  # the loaded weights, not re-initialised
-        assert 0.012 < seen["registers_std"] < 0.03  # normal(0, 0.02), as eager
-    for name in ("registers", "block"):  # each rank its own rows, not a copy of one shard
-        assert ranks[0][name] != ranks[1][name], name
-    assert (runs / "prompt" / "checkpoints").is_dir()
+    for arm in ARMS:
+        ranks = [json.loads((every_arm.folder / f"meta.{arm}.rank{r}.json").read_text()) for r in (0, 1)]
+        for seen in ranks:
+            assert seen["meta"] == []
+            assert seen["tower"] == pytest.approx(tower, rel=1e-12)  # the loaded weights, not re-initialised
+            assert 0.012 < seen["registers_std"] < 0.03  # normal(0, 0.02), as eager
+        for name in ("registers", "block"):  # each rank its own rows, not a copy of one shard
+            assert ranks[0][name] != ranks[1][name], name
 
 
-FLOAT32 = ["--trainer.precision=32-true", "--model.understanding.init_args.dtype=float32",
-           "--model.parallelism.param_dtype=float32"]
-
-
-@pytest.mark.slow  # two processes, two fits each
+@pytest.mark.slow  # two processes; float32: two fits, bf16: one (the other is every_arm's)
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
-def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tmp_path, precision):
+def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(request, tmp_path, precision):
     """float32: every later loss bit for bit, on both ranks. bf16 (gathered in bf16, autocast): CPU bf16
     kernels here are not bitwise reproducible from one process to another (measured: rank 1's first resumed
     step agreed to 4e-6 relative, with identical parameters, optimiser state and batch; float32, 1-process
     FSDP2 and DDP are exact), so there the losses agree to a tolerance far below a lost or repeated step."""
-    def recorder(name):
-        return [{"class_path": "test_resume.BatchRecorder", "init_args": {"path": str(tmp_path / f"{name}.jsonl")}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]
-
-    extra = FLOAT32 if precision == "float32" else []
-    full = _fit(tmp_path, "full", recorder("full"), 6, *extra, arm="prompt")
+    if precision == "float32":
+        extra, folder = FLOAT32, tmp_path
+        full = _fit(folder, "full", _recorder(folder, "full"), 6, *extra, arm="prompt")
+    else:
+        extra, (folder, full) = META, request.getfixturevalue("every_arm")
     start = full / "prompt" / "checkpoints" / "step=3.ckpt"
-    resumed = _fit(tmp_path, "resumed", recorder("resumed"), 6, *extra, f"--ckpt_path={start}", arm="prompt")
+    resumed = _fit(tmp_path, "resumed", _recorder(tmp_path, "resumed"), 6, *extra, f"--ckpt_path={start}",
+                   arm="prompt")
     for suffix in ("", ".rank1"):
-        a = [json.loads(line) for line in (tmp_path / f"full.jsonl{suffix}").read_text().splitlines()]
+        a = [r for r in map(json.loads, (folder / f"full.jsonl{suffix}").read_text().splitlines())
+             if r["arm"] == "prompt"]
         b = [json.loads(line) for line in (tmp_path / f"resumed.jsonl{suffix}").read_text().splitlines()]
-        assert [r["step"] for r in b] == [3, 4, 5]
+        assert [r["step"] for r in a] == list(range(6)) and [r["step"] for r in b] == [3, 4, 5]
         assert [r["samples"] for r in b] == [r["samples"] for r in a[3:]]
         losses, expected = [r["loss"] for r in b], [r["loss"] for r in a[3:]]
         if precision == "float32":

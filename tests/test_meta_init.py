@@ -28,6 +28,16 @@ def _meta_module(tower, fusion) -> MoSModule:
                      parallelism=Parallelism(meta_init=True))
 
 
+def _same_spread(p: torch.Tensor, q: torch.Tensor, alpha: float = 1e-6) -> bool:
+    """Two-sided F-test of equal variance: a fixed bound on the std ratio flaked on the router head's 18-21
+    biases (a ratio of 0.48 is a 2-sigma draw there), while at 4096 entries a 10 % error is still caught."""
+    from scipy.stats import f
+
+    dof = p.numel() - 1
+    ratio = (p.double().var() / q.double().var()).item()
+    return f.ppf(alpha / 2, dof, dof) < ratio < f.ppf(1 - alpha / 2, dof, dof)
+
+
 @pytest.mark.parametrize("fusion", FUSIONS, ids=lambda f: f.__name__)
 def test_materialized_init_matches_eager_init(tower, fusion):
     loaded = {n: p.detach().clone() for n, p in tower.named_parameters()}
@@ -49,8 +59,7 @@ def test_materialized_init_matches_eager_init(tower, fusion):
             assert torch.equal(p, q), name
         else:  # drawn afresh from the same distribution
             assert not torch.equal(p, q), name
-            ratio = (p.detach().std() / q.detach().std()).item()
-            assert 0.6 < ratio < 1.6, f"{name}: std {p.std():.4g} against eager {q.std():.4g}"
+            assert _same_spread(p.detach(), q.detach()), f"{name}: std {p.std():.4g} against eager {q.std():.4g}"
             assert p.detach().abs().max() <= 6 * q.detach().std() + q.detach().abs().max(), name
     for (name, b), (_, c) in zip(module.model.named_buffers(), eager.model.named_buffers()):
         assert torch.equal(b, c), name  # fixed buffers (hand-crafted routing's layer indices) refilled

@@ -101,6 +101,9 @@ def load_module(run: Path, ckpt_path: Path, trust: Sequence[str] = ()):
 
     config = read_run_config(run, trust)
     config["model"]["compile"] = False  # a few prompts' sampling does not repay a compile
+    # one process, unsharded: a run trained with meta_init is rebuilt on the CPU, else the weights would load
+    # into meta tensors (a silent no-op)
+    config["model"]["parallelism"] = {**(config["model"].get("parallelism") or {}), "meta_init": False}
     cli = MoSCLI(args=config, run=False)
     checkpoint = read_checkpoint(ckpt_path)
     state = checkpoint["state_dict"]
