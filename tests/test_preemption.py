@@ -61,26 +61,29 @@ def _preempt(tmp_path: Path, name: str, signum: int, *overlays: Path) -> subproc
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_saves_a_checkpoint_and_exits_non_zero(tmp_path, signum):
-    done = _preempt(tmp_path, "preempted", signum)
+def _saved_on_signal(done: subprocess.CompletedProcess, tmp_path: Path, signum: int) -> Path:
+    """The checks every preempted fit passes: exit 128 + signum, one complete checkpoint named for its step,
+    and the message; returns the checkpoint."""
     assert done.returncode == 128 + signum, done.stderr[-3000:]
     saved = list((tmp_path / "runs" / "router_inputs" / "prompt" / "checkpoints").glob("preempted-step=*.ckpt"))
     assert len(saved) == 1 and is_complete(saved[0])
     step = torch.load(saved[0], map_location="cpu", weights_only=True)["global_step"]
     assert 3 <= step < STEPS and saved[0].name == f"preempted-step={step}.ckpt"
     assert f"preempted by {signal.Signals(signum).name} after step {step}" in done.stderr
+    return saved[0]
+
+
+def test_sigusr1_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    """SLURM's warning before requeueing; SIGTERM is test_resume_from_last_continues_exactly's signal."""
+    _saved_on_signal(_preempt(tmp_path, "preempted", signal.SIGUSR1), tmp_path, signal.SIGUSR1)
 
 
 def test_resume_from_last_continues_exactly(tmp_path):
     (tmp_path / "full").mkdir()
     cli_main(_args(tmp_path / "full", "full"))
     full = _losses(tmp_path / "full" / "full.jsonl")
-    done = _preempt(tmp_path, "first", signal.SIGTERM)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
-    folder = tmp_path / "runs" / "router_inputs" / "prompt" / "checkpoints"
-    (saved,) = folder.glob("preempted-step=*.ckpt")
-    half = folder / "zz-killed.ckpt"  # what a save killed half-way leaves, and newer than the good one
+    saved = _saved_on_signal(_preempt(tmp_path, "first", signal.SIGTERM), tmp_path, signal.SIGTERM)
+    half = saved.parent / "zz-killed.ckpt"  # what a save killed half-way leaves, and newer than the good one
     half.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
     cli_main([*_args(tmp_path, "resumed"), "--ckpt_path", "last"])
     first, resumed = _losses(tmp_path / "first.jsonl"), _losses(tmp_path / "resumed.jsonl")
