@@ -152,6 +152,45 @@ def test_captions_are_true_to_the_pixels(size, seed):
         check_true_to_pixels(image, caption, category)
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.5, 2.0])
+def test_scaled_objects_keep_captions_true_and_change_only_sizes(scale, rng):
+    seed = int(torch.randint(0, 2**31, (), generator=rng))
+    plain, scaled = ShapesDataset(90, seed=seed), ShapesDataset(90, seed=seed, object_scale=scale)
+    ratios = []
+    for i in range(len(scaled)):
+        a, b = plain.scene(i), scaled.scene(i)
+        assert shapes.caption(a) == shapes.caption(b)  # what is drawn is the same; where and how big is not
+        check_true_to_pixels(*scaled[i])
+        n = len(b.objects)
+        # the sizes by hand at 32 px: a quarter to 0.44 of it (0.34 for three or four objects), times the scale,
+        # at least 4, at most 28 for one object and 14 (a 2x2 cell less the gap) for several
+        top = round(32 * (0.44 if n <= 2 else 0.34) * scale)
+        lo, hi = max(round(8 * scale), 4), max(min(top, 28 if n == 1 else 14), 4)
+        assert all(min(lo, hi) <= o.size <= hi for o in b.objects), (b, lo, hi)
+        if n == 1:
+            ratios.append(b.objects[0].size / a.objects[0].size)
+    assert np.mean(ratios) == pytest.approx(scale, rel=0.25)
+
+
+def test_the_bucketed_default_draws_scaled_objects_too(rng):
+    from mos_lightning.data import BucketedShapesDataset
+
+    seed = int(torch.randint(0, 2**31, (), generator=rng))
+    data = BucketedShapesDataset(40, seed=seed, object_scale=2.0)
+    for i in range(len(data)):
+        canvas = ShapesDataset(40, seed=seed, image_size=data.size_of(i), object_scale=2.0)
+        assert torch.equal(data[i][0], canvas[i][0])
+    assert data.canvases[(32, 32)].object_scale == 2.0
+
+
+def test_object_scale_one_is_the_default(rng):
+    seed = int(torch.randint(0, 2**31, (), generator=rng))
+    assert [ShapesDataset(30, seed=seed, object_scale=1).scene(i) for i in range(30)] == \
+        [ShapesDataset(30, seed=seed).scene(i) for i in range(30)]
+    sizes = [o.size for i in range(300) for o in shapes.scene_for(seed, i).objects]
+    assert min(sizes) == 8 and max(sizes) == 14  # the documented 8-14 px at 32
+
+
 def test_grid_fallback_keeps_captions_true(monkeypatch):
     monkeypatch.setattr(shapes, "_RESTARTS", 0)  # no rejection sampling: every scene takes the fallback
     for size in [32, (16, 40), (40, 16)]:
@@ -235,6 +274,8 @@ def test_collate_stacks():
     (lambda: ShapesDataModule(num_workers=-1), "num_workers"),
     (lambda: ShapesDataModule(image_size=12), "image_size"),
     (lambda: ShapesDataModule(categories=("colors",)), "categories"),
+    (lambda: ShapesDataModule(object_scale=3), "object_scale: must be a number in [0.5, 2.0]"),
+    (lambda: ShapesDataset(4, object_scale="big"), "object_scale"),
 ])
 def test_bad_arguments_name_the_setting(make, setting):
     with pytest.raises(ValueError, match=re.escape(setting)):

@@ -100,13 +100,14 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
 
 class BucketedShapesDataset(Dataset):
     """The shapes domain at several aspect ratios: sample i's canvas is one bucket of `table`,
-    drawn by (seed, i), so the default run exercises the bucket sampler (App. A)."""
+    drawn by (seed, i), so the default run exercises the bucket sampler (App. A). `object_scale`: as
+    ShapesDataModule's."""
 
     def __init__(self, length: int, seed: int = 0, base: int = 32, multiple: int = 8, max_ratio: float = 2.0,
-                 categories: Sequence[str] = CATEGORIES):
+                 categories: Sequence[str] = CATEGORIES, object_scale: float = 1.0):
         self.table = bucket_table(base, multiple, max_ratio)
         self.seed, self.length = seed, length
-        self.canvases = {size: ShapesDataset(length, seed, size, categories) for size in self.table}
+        self.canvases = {size: ShapesDataset(length, seed, size, categories, object_scale) for size in self.table}
         pick = np.random.default_rng([seed, 7]).integers(0, len(self.table), length)  # one draw, deterministic
         self.sizes = [self.table[k] for k in pick]
         self.image_size = (base, base)

@@ -32,6 +32,8 @@ NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 MIN_SIDE = 16  # below this, 4 objects with gaps no longer fit recognisably
 VAL_SEED_OFFSET = 1_000_003  # val seed = seed + offset, so splits never share a sample
 _TRIES, _RESTARTS = 16, 8  # rejection-sampling budget before the grid fallback
+OBJECT_SCALES = (0.5, 2.0)  # the range object_scale allows
+MIN_OBJECT = 4  # px: a smaller triangle, cross or diamond is no longer its shape
 _GAP = 2  # black pixels between boxes: keeps same-colour objects separate components
 
 
@@ -152,25 +154,43 @@ def _content(rng: np.random.Generator, category: str):
     return [(shapes[0], colours[0]), (shapes[1], colours[1])], relation
 
 
-def make_scene(rng: np.random.Generator, category: str, image_size) -> ShapeScene:
+def check_object_scale(object_scale) -> float:
+    if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) \
+            or not OBJECT_SCALES[0] <= object_scale <= OBJECT_SCALES[1]:
+        raise ConfigError(f"object_scale: must be a number in [{OBJECT_SCALES[0]}, {OBJECT_SCALES[1]}] "
+                          f"(1 = objects of 8-14 px on a 32 px canvas), got {object_scale!r}")
+    return float(object_scale)
+
+
+def _size_range(side: int, count: int, object_scale: float) -> tuple[int, int]:
+    """Smallest and largest object side in pixels: a quarter to 0.44 of the canvas's short side (8-14 px at 32;
+    3+ objects up to 0.34 to fit), times object_scale. Beyond 1 the top is capped at what still fits: 90 % of
+    the canvas for one object, a 2x2 grid cell for several; below, no side under MIN_OBJECT. At 1 neither
+    bound binds (MIN_SIDE keeps sides >= 4), so the default scenes are unchanged."""
+    top = 0.44 if count <= 2 else 0.34
+    cap = int(side * 0.9) if count == 1 else side // 2 - _GAP
+    hi = max(min(round(side * top * object_scale), max(cap, round(side * top))), MIN_OBJECT)
+    return max(min(round(side * 0.25 * object_scale), hi), MIN_OBJECT), hi
+
+
+def make_scene(rng: np.random.Generator, category: str, image_size, object_scale: float = 1.0) -> ShapeScene:
     hw = check_image_size(image_size)
     check_categories([category])
     content, relation = _content(rng, category)
-    # Sizes scale with the short side: 8-14 px at 32; 3+ objects are kept smaller to fit.
-    side = min(hw)
-    hi = round(side * (0.44 if len(content) <= 2 else 0.34))
-    sizes = [int(rng.integers(round(side * 0.25), hi + 1)) for _ in content]
+    lo, hi = _size_range(min(hw), len(content), check_object_scale(object_scale))
+    sizes = [int(rng.integers(lo, hi + 1)) for _ in content]
     tops, sizes = _place(rng, sizes, hw, relation)
     objects = tuple(ShapeObject(s, c, _centre(t, n), n) for (s, c), t, n in zip(content, tops, sizes))
     return ShapeScene(category, objects, hw, relation)
 
 
-def scene_for(seed: int, index: int, image_size=32, categories: Sequence[str] = CATEGORIES) -> ShapeScene:
+def scene_for(seed: int, index: int, image_size=32, categories: Sequence[str] = CATEGORIES,
+              object_scale: float = 1.0) -> ShapeScene:
     """Sample `index` of the dataset with `seed`: a pure function of its arguments. Categories cycle with the
     index so every split is balanced across them."""
     cats = check_categories(categories)
     rng = np.random.default_rng([seed, index])
-    return make_scene(rng, cats[index % len(cats)], image_size)
+    return make_scene(rng, cats[index % len(cats)], image_size, object_scale)
 
 
 def _article(word: str) -> str:
@@ -240,11 +260,12 @@ class ShapesDataset(Dataset):
     """`length` procedurally drawn samples; item i -> (image, caption, category)."""
 
     def __init__(self, length: int, seed: int = 0, image_size: int | tuple[int, int] = 32,
-                 categories: Sequence[str] = CATEGORIES):
+                 categories: Sequence[str] = CATEGORIES, object_scale: float = 1.0):
         self.length = _check_int("length", length, 1)
         self.seed = _check_int("seed", seed, 0)  # numpy seed sequences reject negatives
         self.image_size = check_image_size(image_size)
         self.categories = check_categories(categories)
+        self.object_scale = check_object_scale(object_scale)
 
     def __len__(self) -> int:
         return self.length
@@ -252,7 +273,7 @@ class ShapesDataset(Dataset):
     def scene(self, i: int) -> ShapeScene:
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for ShapesDataset of length {self.length}")
-        return scene_for(self.seed, i % self.length, self.image_size, self.categories)
+        return scene_for(self.seed, i % self.length, self.image_size, self.categories, self.object_scale)
 
     def caption_at(self, i: int) -> str:
         """The caption alone, without drawing (the tower cache reads every caption)."""
@@ -269,11 +290,14 @@ def collate(items: Sequence[tuple[torch.Tensor, str, str]]) -> Batch:
 
 
 class ShapesDataModule(ResumableTrainData, L.LightningDataModule):
-    """Train split uses `seed`, val uses `seed + VAL_SEED_OFFSET`: disjoint, reproducible."""
+    """Train split uses `seed`, val uses `seed + VAL_SEED_OFFSET`: disjoint, reproducible. `object_scale`
+    draws the objects of both splits larger (> 1) or smaller; ShapesEval's prompt set keeps its own scenes,
+    so ShapesEval (which judges shapes, colours, counts and relations, not sizes) compares across scales,
+    while FID against the prompt set's renders does not."""
 
     def __init__(self, batch_size: int = 64, train_size: int = 20000, val_size: int = 256,
                  image_size: int | tuple[int, int] = 32, seed: int = 0, num_workers: int = 0,
-                 categories: Sequence[str] = CATEGORIES):
+                 categories: Sequence[str] = CATEGORIES, object_scale: float = 1.0):
         super().__init__()
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
@@ -285,8 +309,8 @@ class ShapesDataModule(ResumableTrainData, L.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         # Datasets draw samples on access, so building them here is free and checks seed, image_size and
         # categories before a trainer starts.
-        self.train_set = ShapesDataset(train_size, seed, image_size, categories)
-        self.val_set = ShapesDataset(val_size, seed + VAL_SEED_OFFSET, image_size, categories)
+        self.train_set = ShapesDataset(train_size, seed, image_size, categories, object_scale)
+        self.val_set = ShapesDataset(val_size, seed + VAL_SEED_OFFSET, image_size, categories, object_scale)
         self.image_size = self.train_set.image_size  # (H, W); the CLI checks it against the patch size
 
     def train_dataloader(self) -> DataLoader:  # one bucket: shuffled full batches, DDP-sharded, resumable
