@@ -2,6 +2,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -39,7 +40,7 @@ def test_fit_trains_every_arm_and_writes_the_table(router_inputs_run):
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
 
 
-def test_sample_subcommand_writes_pngs(router_inputs_run, tmp_path):
+def test_sample_subcommand_writes_pngs(router_inputs_run, tmp_path, capsys):
     from PIL import Image
 
     runs, _, _ = router_inputs_run
@@ -49,6 +50,19 @@ def test_sample_subcommand_writes_pngs(router_inputs_run, tmp_path):
                       "--out", str(out), "--steps", "2", "--image_size", "[16, 24]"])
     assert [p.name for p in paths] == ["000_a_red_circle.png", "001_two_blue_squares.png", "grid.png"]
     assert Image.open(paths[0]).size == (24, 16)
+    assert Image.open(paths[2]).size == (1 + 2 * 25, 1 + 17)  # make_grid's 1 px padding around each
+    big = cli_main(["sample", "--run", str(runs / "router_inputs" / "prompt"), "--prompts",
+                    '["a red circle", "two blue squares"]', "--out", str(tmp_path / "big"), "--steps", "2",
+                    "--image_size", "[16, 24]", "--nrow", "1", "--grid_scale", "3"])
+    small = np.asarray(Image.open(paths[0]))  # the same prompt and seed: the same sample
+    grid = np.asarray(Image.open(big[2]))
+    assert grid.shape[:2] == (3 * (1 + 2 * 17), 3 * (1 + 25))  # one column of two, three times larger
+    assert np.array_equal(grid[3:3 + 48:3, 3:3 + 72:3], small)  # every third pixel of the first cell
+    assert np.array_equal(grid[3:3 + 48, 3:3 + 72], small.repeat(3, 0).repeat(3, 1))
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["sample", "--run", str(runs / "router_inputs" / "prompt"), "--prompts", '["a"]',
+                  "--grid_scale", "0"])
+    assert stop.value.code == 2 and "sample --grid_scale: must be an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_select_one_arm_and_unknown_arm(tmp_path, capsys):

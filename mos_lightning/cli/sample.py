@@ -28,6 +28,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="default: the run's model.sample_steps")
     p.add_argument("--cfg_scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nrow", type=int, default=8, help="images per row of grid.png")
+    p.add_argument("--grid_scale", type=int, default=1,
+                   help="enlarge grid.png by this factor, nearest neighbour (a 32 px sample is hard to see)")
     p.add_argument("--trust", type=list[str], default=[],
                    help="more module prefixes whose classes the run's config.yaml may name (your own code)")
     return p
@@ -126,6 +129,9 @@ def _slug(text: str) -> str:
 
 def sample_main(args: list[str]) -> list[Path]:
     cfg = _parser().parse_args(args)
+    for name in ("nrow", "grid_scale"):
+        if cfg[name] < 1:
+            raise ConfigError(f"sample --{name}: must be an int >= 1, got {cfg[name]}")
     run = Path(cfg.run)
     module = load_module(run, Path(cfg.ckpt_path) if cfg.ckpt_path else newest_checkpoint(run), cfg.trust)
     images = module.generate(list(cfg.prompts), tuple(cfg.image_size), seed=cfg.seed, steps=cfg.steps,
@@ -136,6 +142,7 @@ def sample_main(args: list[str]) -> list[Path]:
     paths = [out / f"{i:03d}_{_slug(p)}.png" for i, p in enumerate(cfg.prompts)]
     for image, path in zip(images, paths):
         save_image(image, path)
-    save_image(make_grid(images, nrow=min(len(paths), 8), padding=1), out / "grid.png")
+    grid = make_grid(images, nrow=min(len(paths), cfg.nrow), padding=1)
+    save_image(grid.repeat_interleave(cfg.grid_scale, 1).repeat_interleave(cfg.grid_scale, 2), out / "grid.png")
     print(f"wrote {len(paths)} samples and grid.png to {out}")
     return paths + [out / "grid.png"]
