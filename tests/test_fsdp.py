@@ -25,8 +25,8 @@ FLOAT32 = ["--trainer.precision=32-true", "--model.understanding.init_args.dtype
 
 
 class ShardProbe(L.Callback):
-    """Per rank, to `<path>.rank<k>.json`: how the trainable parameters are held, what dtype the blocks compute
-    in, the full (gathered) head weight after every step and its EMA at the end."""
+    """Per arm and rank, to `<path>.<arm>.rank<k>.json`: how the trainable parameters are held, what dtype the
+    blocks compute in, the full (gathered) head weight after every step and its EMA at the end."""
 
     def __init__(self, path: str):
         self.path, self.seen = path, {}
@@ -128,8 +128,9 @@ def test_fsdp2_fit_every_arm(every_arm, tmp_path):
 
 
 class MetaProbe(L.Callback):
-    """Per rank, at the start of training: whether anything is left on the meta device, this rank's shard of two
-    randomly initialised parameters, and the frozen tower's weights' sum."""
+    """Per arm and rank, to `<path>.<arm>.rank<k>.json`, at the start of training: whether anything is left on
+    the meta device, this rank's shard of two randomly initialised parameters, and the frozen tower's weights'
+    sum."""
 
     def __init__(self, path: str):
         self.path = path
