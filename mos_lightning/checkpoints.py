@@ -25,8 +25,9 @@ def is_complete(path: Path) -> bool:
 
 
 def newest_complete(folder: Path) -> tuple[Path | None, list[Path]]:
-    """(the newest complete *.ckpt in `folder` by modification time, or None; the incomplete ones skipped)."""
-    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """(the newest complete *.ckpt in `folder` by modification time, or None; the incomplete ones skipped).
+    Saves within one timestamp tick tie; the name breaks the tie, so the pick is the same every time."""
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
     skipped = []
     for path in found:
         if is_complete(path):

@@ -104,6 +104,7 @@ def test_newest_complete_skips_a_truncated_file(tmp_path, rng):
     older, newer = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
     torch.save({"w": torch.randn(64, 64, generator=rng)}, older)
     torch.save({"w": torch.randn(64, 64, generator=rng)}, newer)
+    os.utime(newer, (time.time() + 2, time.time() + 2))  # two saves in one mtime tick would tie (a CI flake)
     assert newest_complete(tmp_path) == (newer, [])
     newer.write_bytes(newer.read_bytes()[:-100])
     os.utime(newer, (time.time() + 5, time.time() + 5))
