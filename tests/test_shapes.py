@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mos_lightning.data import CATEGORIES, ShapesDataModule, ShapesDataset, collate, shapes
+from mos_lightning.data import CATEGORIES, ShapesDataModule, ShapesDataset, collate, layout, shapes
 from mos_lightning.types import Batch
 
 try:
@@ -192,7 +192,7 @@ def test_object_scale_one_is_the_default(rng):
 
 
 def test_grid_fallback_keeps_captions_true(monkeypatch):
-    monkeypatch.setattr(shapes, "_RESTARTS", 0)  # no rejection sampling: every scene takes the fallback
+    monkeypatch.setattr(layout, "_RESTARTS", 0)  # no rejection sampling: every scene takes the fallback
     for size in [32, (16, 40), (40, 16)]:
         ds = ShapesDataset(60, seed=1, image_size=size)
         for i in range(len(ds)):
@@ -217,11 +217,11 @@ def test_position_scenes_satisfy_relation_holds():
     for i in range(len(ds)):
         scene = ds.scene(i)
         a, b = scene.objects
-        assert shapes.relation_holds(a.centre, b.centre, scene.relation, margin=(a.size + b.size) / 2)
+        assert layout.relation_holds(a.centre, b.centre, scene.relation, margin=(a.size + b.size) / 2)
         relations.add(scene.relation)
     assert relations == set(shapes.RELATIONS)
-    assert shapes.relation_holds((0, 0), (10, 1), "left of") and not shapes.relation_holds((0, 0), (10, 11), "left of")
-    assert shapes.relation_holds((0, 10), (1, 0), "below") and not shapes.relation_holds((0, 0), (0.5, 0), "left of")
+    assert layout.relation_holds((0, 0), (10, 1), "left of") and not layout.relation_holds((0, 0), (10, 11), "left of")
+    assert layout.relation_holds((0, 10), (1, 0), "below") and not layout.relation_holds((0, 0), (0.5, 0), "left of")
 
 
 def test_render_at_another_size_keeps_the_content():

@@ -1,5 +1,6 @@
 """Data: the embedded shapes domain (procedural, no download) and image-caption corpora."""
 from mos_lightning.data.corpus import BucketedShapesDataset, ImageCaptionDataModule
+from mos_lightning.data.layout import relation_holds
 from mos_lightning.data.mjhq import MJHQDataset
 from mos_lightning.data.shapes import (
     CATEGORIES,
@@ -13,7 +14,6 @@ from mos_lightning.data.shapes import (
     caption,
     collate,
     make_scene,
-    relation_holds,
     render,
     scene_for,
 )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mos_lightning.data.layout import relation_holds
 from mos_lightning.data.shapes import (
     CATEGORIES,
     COLOURS,
@@ -31,7 +32,6 @@ from mos_lightning.data.shapes import (
     caption,
     check_image_size,
     draw_shape,
-    relation_holds,
     scene_for,
 )
 
